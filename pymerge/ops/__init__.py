@@ -1,0 +1,11 @@
+"""pymerge.ops: the only door to pymerge's kernels.
+
+Every op takes backend="auto"|"reference"|"cpu"|"cuda"|"triton" (see pymerge.ops.backend.resolve).
+"""
+from .backend import BACKENDS, resolve
+from .center import center_task_vectors
+from .divergence import entropy, js_divergence, kl_divergence
+from .randomized_svd import Centered, low_rank_sum, randomized_svd
+
+__all__ = ["BACKENDS", "resolve", "center_task_vectors", "randomized_svd", "Centered", "low_rank_sum",
+           "js_divergence", "kl_divergence", "entropy"]

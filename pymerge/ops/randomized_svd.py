@@ -1,0 +1,159 @@
+"""randomized_svd (Halko-Martinsson-Tropp), its implicit centered form, and low_rank_sum."""
+from typing import Optional
+
+import torch
+
+from .. import reference
+from .backend import extension_loaded, resolve
+from .center import _FLOATS, as_tensor_list, center_task_vectors
+
+
+class Centered:
+    """The batch A[t] = thetas[t] - avg, given implicitly: kernels never materialise the T centered matrices.
+
+    thetas: Tensor[T, m, n] or a sequence of T [m, n] tensors; avg: [m, n] (default: their uniform
+    average, or the `weights`-weighted one).
+    """
+
+    def __init__(self, thetas, avg: Optional[torch.Tensor] = None, weights=None):
+        op = "Centered"
+        self.thetas = as_tensor_list(thetas, op)
+        if self.thetas[0].dim() != 2:
+            raise ValueError(f"{op}: thetas must be 2-D matrices, got shape {tuple(self.thetas[0].shape)}")
+        if avg is None:
+            avg = center_task_vectors(self.thetas, weights, return_centered=False)[0]
+        if avg.shape != self.thetas[0].shape:
+            raise ValueError(f"{op}: avg has shape {tuple(avg.shape)} but thetas have "
+                             f"{tuple(self.thetas[0].shape)}")
+        if avg.device != self.thetas[0].device:
+            raise ValueError(f"{op}: avg is on {avg.device} but thetas are on {self.thetas[0].device}")
+        self.avg = avg.to(self.thetas[0].dtype)
+
+    @property
+    def shape(self):
+        return torch.Size((len(self.thetas), *self.thetas[0].shape))
+
+    @property
+    def dtype(self):
+        return self.thetas[0].dtype
+
+    @property
+    def device(self):
+        return self.thetas[0].device
+
+    def materialize(self):
+        """The explicit [T, m, n] batch (for checks and small cases)."""
+        return torch.stack([theta - self.avg for theta in self.thetas])
+
+
+def _test_matrix(B, n, l, dtype, device, seed):
+    # Drawn on the CPU in float32 whatever the backend: a fixed seed gives the same omega everywhere.
+    gen = torch.Generator()
+    gen.manual_seed(torch.seed() if seed is None else int(seed))
+    omega = torch.randn(B, n, l, generator=gen, dtype=torch.float32)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return omega.to(device=device, dtype=acc)
+
+
+def randomized_svd(A, k: int, oversample: int = 10, power_iters: int = 2, seed: Optional[int] = None, *,
+                   backend: str = "auto"):
+    """Rank-k randomized SVD: A ~= U diag(S) V^T.
+
+    A: Tensor [m, n], a batch [B, m, n], or Centered(thetas, avg) (the batch thetas[t] - avg, implicit).
+    Range finder with l = min(k + oversample, min(m, n)) columns and power_iters power iterations, each
+    followed by re-orthonormalisation; then the SVD of the small l x n matrix.
+    Returns U [.., m, k], S [.., k], V [.., n, k] in float32 (float64 for float64 input), batch dim kept
+    iff the input had one. Deterministic for a fixed seed, identical test matrix on every backend.
+    """
+    op = "randomized_svd"
+    centered = isinstance(A, Centered)
+    if not centered and not isinstance(A, torch.Tensor):
+        raise ValueError(f"{op}: A must be a Tensor or a Centered, got {type(A).__name__}")
+    if A.dtype not in _FLOATS:
+        raise ValueError(f"{op}: A has dtype {A.dtype}; expected one of {_FLOATS}")
+    batched = centered or A.dim() == 3
+    if not centered:
+        if A.dim() not in (2, 3):
+            raise ValueError(f"{op}: A must be [m, n] or [B, m, n], got shape {tuple(A.shape)}")
+        if not batched:
+            A = A.unsqueeze(0)
+    B, m, n = A.shape
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k > min(m, n):
+        raise ValueError(f"{op}: k = {k} must be an int in [1, min(m, n) = {min(m, n)}] for A of shape "
+                         f"{tuple(A.shape)}")
+    if oversample < 0 or power_iters < 0:
+        raise ValueError(f"{op}: oversample ({oversample}) and power_iters ({power_iters}) must be >= 0")
+    probe = A.avg if centered else A
+    if not torch.isfinite(probe).all():
+        raise ValueError(f"{op}: A contains NaN or Inf (shape {tuple(A.shape)})")
+    l = min(k + oversample, m, n)
+    be = resolve(backend, A.device, op)
+    acc = torch.float64 if A.dtype == torch.float64 else torch.float32
+    if B == 0:
+        U, S, V = (torch.empty(0, m, k, dtype=acc, device=A.device), torch.empty(0, k, dtype=acc, device=A.device),
+                   torch.empty(0, n, k, dtype=acc, device=A.device))
+    else:
+        omega = _test_matrix(B, n, l, A.dtype, A.device, seed)
+        U, S, V = _dispatch(be, A, omega, k, power_iters, centered)
+    if not batched:
+        U, S, V = U[0], S[0], V[0]
+    return U, S, V
+
+
+def _dispatch(be, A, omega, k, q, centered):
+    if be == "reference":
+        if centered:
+            return reference.randomized_svd_centered(A.thetas, A.avg, omega, k, q)
+        return reference.randomized_svd(A, omega, k, q)
+    if be == "triton":
+        from pymerge.kernels import randomized_svd as triton_rsvd
+        if centered:
+            return triton_rsvd.randomized_svd_centered(A.thetas, A.avg, omega, k, q)
+        return triton_rsvd.randomized_svd(A, omega, k, q)
+    if centered:
+        return torch.ops.pymerge.randomized_svd_centered(A.thetas, A.avg, omega, k, q)
+    return torch.ops.pymerge.randomized_svd(A, omega, k, q)
+
+
+def low_rank_sum(U, S, V, scale: float = 1.0, base: Optional[torch.Tensor] = None, *, backend: str = "auto"):
+    """base + scale * sum_b U[b] diag(S[b]) V[b]^T, as one GEMM with inner dimension B*k.
+
+    U: [B, m, k] (or [m, k]), S: [B, k], V: [B, n, k]; base: [m, n] or None. Returns [m, n] in base's dtype
+    (U's dtype without base).
+    """
+    op = "low_rank_sum"
+    if U.dim() == 2:
+        U, S, V = U.unsqueeze(0), S.unsqueeze(0), V.unsqueeze(0)
+    if U.dim() != 3 or S.dim() != 2 or V.dim() != 3 or U.shape[0] != S.shape[0] or V.shape[0] != U.shape[0] \
+            or U.shape[2] != S.shape[1] or V.shape[2] != S.shape[1]:
+        raise ValueError(f"{op}: expected U [B, m, k], S [B, k], V [B, n, k]; got {tuple(U.shape)}, "
+                         f"{tuple(S.shape)}, {tuple(V.shape)}")
+    if base is not None and base.shape != (U.shape[1], V.shape[1]):
+        raise ValueError(f"{op}: base has shape {tuple(base.shape)}, expected {(U.shape[1], V.shape[1])}")
+    be = resolve(backend, U.device, op)
+    if be == "reference":
+        return reference.low_rank_sum(U, S, V, scale, base)
+    if be == "triton":
+        from pymerge.kernels import randomized_svd as triton_rsvd
+        return triton_rsvd.low_rank_sum(U, S, V, scale, base)
+    return torch.ops.pymerge.low_rank_sum(U, S, V, float(scale), base)
+
+
+if extension_loaded():
+    def _fake_svd(B, m, n, k, like):
+        acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+        return (like.new_empty((B, m, k), dtype=acc), like.new_empty((B, k), dtype=acc),
+                like.new_empty((B, n, k), dtype=acc))
+
+    @torch.library.register_fake("pymerge::randomized_svd")
+    def _(A, omega, k, power_iters):
+        return _fake_svd(A.shape[0], A.shape[1], A.shape[2], k, A)
+
+    @torch.library.register_fake("pymerge::randomized_svd_centered")
+    def _(thetas, avg, omega, k, power_iters):
+        return _fake_svd(len(thetas), avg.shape[0], avg.shape[1], k, avg)
+
+    @torch.library.register_fake("pymerge::low_rank_sum")
+    def _(U, S, V, scale, base):
+        like = base if base is not None else U
+        return like.new_empty((U.shape[1], V.shape[1]))
