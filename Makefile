@@ -24,7 +24,7 @@ install: .make/installed
 
 # ... and an incremental (ninja) in-place build of pymerge._C whenever a C++/CUDA source changes.
 .make/built: .make/editable $(SRC)
-	$(PY) setup.py -q build_ext --inplace
+	flock /tmp/pymerge-build.lock $(PY) setup.py -q build_ext --inplace
 	@touch $@
 
 build: .make/built
