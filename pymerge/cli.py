@@ -1,0 +1,458 @@
+"""`pymerge ...` command line: a thin layer over the Python API (pymerge.divmerge, pymerge.adamerging,
+pymerge.methods).
+
+    pymerge methods
+    pymerge divmerge --base DIR --model NAME=DIR [--model ...] --data NAME=FILE.jsonl [--data ...] --out DIR
+                     [--kind auto|classification|causal-lm] [--granularity layer|task] [--divergence js|kl]
+                     [--task-specific-keys REGEX] [--steps N | --epochs N] [--lr ...] [--no-cache] ...
+    pymerge adamerging --base DIR --model NAME=DIR [...] --data NAME=FILE.jsonl [...] --out DIR
+                     [--granularity layer|task] [--steps N] [--lr ...] [--no-clamp] ...   (classification)
+
+Models are Hugging Face directories, read locally only (HF_HUB_OFFLINE=1, local_files_only): the base with
+the fine-tuned models' class (AutoModelForSequenceClassification or AutoModelForCausalLM) and the tokenizer
+of the base (else of the first model). Data: JSONL, one {"text": ...} object per line (other fields such as
+"label" are ignored: both methods use unlabelled inputs). The output directory appears complete or not at
+all: everything is written into a temporary sibling directory that is then renamed. It holds the merged model
+(save_pretrained + tokenizer) and <method>.json (the learned Γ per task and group, the loss curve, the
+options); for classification with task-specific heads, one complete model per task in OUT/<NAME>/.
+DivMerge's teacher outputs are cached on disk (--cache-dir, default $PYMERGE_CACHE or ~/.cache/pymerge).
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+EXIT_USAGE = 2
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+KINDS = ("auto", "classification", "causal-lm")
+
+
+class CLIError(Exception):
+    """A problem with the command line or its inputs: reported as one line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def parse_pairs(values, flag):
+    """['NAME=PATH', ...] -> {NAME: Path}, in order; names unique and usable as directory names."""
+    out = {}
+    for v in values or []:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise CLIError(f"{flag} {v!r}: expected NAME=PATH")
+        if not _NAME.match(name):
+            raise CLIError(f"{flag} {v!r}: NAME may hold letters, digits, '_', '.', '-' (it names an output "
+                           f"directory) and must start with a letter or digit")
+        if name in out:
+            raise CLIError(f"{flag}: task {name!r} given twice")
+        out[name] = Path(path)
+    return out
+
+
+def read_jsonl_texts(path, limit=None):
+    """The "text" field of every non-blank line of a JSONL file (the first `limit` ones when given).
+    Errors name the file and the 1-based line number."""
+    path = Path(path)
+    if not path.exists():
+        raise CLIError(f"data file {path} does not exist")
+    if not path.is_file():
+        raise CLIError(f"data file {path} is not a file")
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CLIError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict) or "text" not in obj:
+                raise CLIError(f"{path}:{lineno}: expected an object with a \"text\" field")
+            if not isinstance(obj["text"], str) or not obj["text"].strip():
+                raise CLIError(f"{path}:{lineno}: \"text\" must be a non-empty string")
+            texts.append(obj["text"])
+            if limit is not None and len(texts) >= limit:
+                break
+    if not texts:
+        raise CLIError(f"data file {path} is empty (no JSON lines)")
+    return texts
+
+
+def _check_model_dir(path, flag):
+    if not path.is_dir():
+        raise CLIError(f"{flag} {path}: not a directory")
+    if not (path / "config.json").is_file():
+        raise CLIError(f"{flag} {path}: no config.json (expected a Hugging Face model directory, "
+                       f"as written by save_pretrained)")
+
+
+def _architectures(path):
+    try:
+        with open(path / "config.json") as f:
+            return json.load(f).get("architectures") or []
+    except (OSError, json.JSONDecodeError) as e:
+        raise CLIError(f"{path / 'config.json'}: cannot read ({e})") from None
+
+
+def _kind_of_dirs(base, models):
+    from .methods.divmerge import kind_of_architecture
+    for path in [*models.values(), base]:
+        for arch in _architectures(path):
+            kind = kind_of_architecture(arch)
+            if kind is not None:
+                return kind
+    return None
+
+
+def infer_kind(base, models):
+    """classification or causal-lm, from the config.json architectures of the models (then the base)."""
+    kind = _kind_of_dirs(base, models)
+    if kind is None:
+        raise CLIError("cannot tell the model kind from config.json 'architectures'; pass --kind classification "
+                       "or --kind causal-lm")
+    return kind
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import transformers
+    except ImportError:
+        raise CLIError("pymerge divmerge needs the transformers package (pip install transformers)") from None
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def _dtype(name):
+    import torch
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+            "float64": torch.float64}[name]
+
+
+def _load(auto_cls, path, dtype, device, **kw):
+    try:
+        out = auto_cls.from_pretrained(str(path), local_files_only=True, dtype=dtype, **kw)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types; the message says what is wrong
+        raise CLIError(f"cannot load a model from {path}: {type(e).__name__}: {e}") from None
+    model, info = out if isinstance(out, tuple) else (out, None)
+    return model.to(device).eval(), info
+
+
+def _tokenizer(tf, base, models):
+    errors = []
+    for path in [base, *models.values()]:
+        try:
+            tok = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"{path}: {type(e).__name__}")
+            continue
+        if tok.pad_token is None and tok.eos_token is not None:
+            tok.pad_token = tok.eos_token  # padding is masked; any id will do
+        return tok, path
+    raise CLIError("no tokenizer found in the base or model directories (" + "; ".join(errors) + ")")
+
+
+def _classification_batches(tok, texts, max_length, batch_size=32):
+    return [dict(tok(texts[i:i + batch_size], truncation=True, max_length=max_length, padding=True,
+                     return_tensors="pt")) for i in range(0, len(texts), batch_size)]
+
+
+def _prompts(tok, texts, max_length):
+    return [tok(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+
+
+# ------------------------------------------------------------------------------------------------ output
+def _prepare_out(out, overwrite):
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CLIError(f"--out {out} already exists (pass --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _publish(tmp, out):
+    """Move the finished temporary directory to `out`; an existing `out` is swapped away first, so `out`
+    never holds a partial result."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "x")
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_merged(module, state_dict, what):
+    """module.load_state_dict(state_dict) where state_dict may omit tied aliases (merged once)."""
+    import torch
+    own = module.state_dict(keep_vars=True)
+    missing = [k for k in own if k not in state_dict]
+    present = {own[k].data_ptr() for k in own if k in state_dict and isinstance(own[k], torch.Tensor)}
+    untied = [k for k in missing if own[k].data_ptr() not in present]
+    if untied:
+        raise CLIError(f"{what}: the merge lacks key(s) {untied[:5]} of the model")
+    with torch.no_grad():
+        result = module.load_state_dict(state_dict, strict=False)
+    if result.unexpected_keys:
+        raise CLIError(f"{what}: the merge has key(s) {result.unexpected_keys[:5]} the model lacks")
+    return module
+
+
+# -------------------------------------------------------------------------------------------- commands
+def cmd_methods(args):
+    from . import methods
+    for name in methods.available():
+        print(methods.get(name).describe())
+        print()
+    print("divmerge: DivMerge (learned coefficients, JS/KL to each fine-tuned model on unlabelled data): "
+          "`pymerge divmerge --help`")
+    print("adamerging: AdaMerging (learned coefficients, entropy minimisation on unlabelled data): "
+          "`pymerge adamerging --help`")
+    return 0
+
+
+def _task_inputs(args, limit):
+    """(base, models, data, texts, out): the checked command line, the data files read (first `limit`
+    lines each; None: all), the output directory claimed. Nothing is loaded yet."""
+    models = parse_pairs(args.model, "--model")
+    data = parse_pairs(args.data, "--data")
+    if not models:
+        raise CLIError("give at least one fine-tuned model: --model NAME=DIR")
+    no_data = [n for n in models if n not in data]
+    if no_data:
+        raise CLIError(f"task(s) {no_data} have --model but no --data NAME=FILE.jsonl")
+    no_model = [n for n in data if n not in models]
+    if no_model:
+        raise CLIError(f"task(s) {no_model} have --data but no --model NAME=DIR")
+    base = Path(args.base)
+    _check_model_dir(base, "--base")
+    for name, path in models.items():
+        _check_model_dir(path, f"--model {name}=")
+    if limit is not None and limit < 1:
+        raise CLIError(f"--examples-per-task {limit} must be >= 1")
+    if args.steps is not None and args.steps < 0:
+        raise CLIError(f"--steps {args.steps} must be >= 0")
+    texts = {name: read_jsonl_texts(path, limit) for name, path in data.items()}
+    out = _prepare_out(args.out, args.overwrite)
+    return base, models, data, texts, out
+
+
+def _learn_options(args):
+    """The optimisation options given on the command line (the method's defaults for the others)."""
+    opts = dict(progress=not args.quiet)
+    for key in ("lr", "epochs", "steps", "seed", "temperature", "batch_size", "examples_per_task", "init",
+                "layer_groups"):
+        if getattr(args, key) is not None:
+            opts[key] = getattr(args, key)
+    if args.epochs is not None and args.steps is None:
+        opts["steps"] = None  # --epochs counts, also for a method whose default is a number of steps
+    if args.start != "pretrained":
+        opts["start"] = args.start
+    return opts
+
+
+def _runtime(args, base, models):
+    """(transformers, device, dtype, tokenizer, tokenizer dir)."""
+    tf = _transformers()
+    import torch
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    tok, tok_dir = _tokenizer(tf, base, models)
+    return tf, device, _dtype(args.dtype), tok, tok_dir
+
+
+def _loaders(auto, models, dtype, device):
+    """{name: zero-argument loader}: the methods read one fine-tuned model at a time."""
+    return {n: (lambda p=p: _load(auto, p, dtype, device)[0]) for n, p in models.items()}
+
+
+def _classification_setup(tf, args, base, models, texts, tok, dtype, device):
+    """(base model, loaders, batches per task, task-specific keys, pad value) for sequence classifiers."""
+    auto = tf.AutoModelForSequenceClassification
+    num_labels = tf.AutoConfig.from_pretrained(str(next(iter(models.values()))), local_files_only=True).num_labels
+    base_model, info = _load(auto, base, dtype, device, num_labels=num_labels, ignore_mismatched_sizes=True,
+                             output_loading_info=True)
+    task_specific = args.task_specific_keys
+    if task_specific is None:
+        # The head: what the base checkpoint lacks (or holds in another size) for a classifier.
+        head = sorted(set(info.get("missing_keys", ())) | {m[0] for m in info.get("mismatched_keys", ())})
+        if head:
+            task_specific = "^(?:" + "|".join(re.escape(k) for k in head) + ")$"
+    batches = {n: _classification_batches(tok, texts[n], args.max_length) for n in models}
+    return base_model, _loaders(auto, models, dtype, device), batches, task_specific, \
+        {"input_ids": tok.pad_token_id or 0}
+
+
+def _learn(method, *a, **kw):
+    try:
+        return method(*a, **kw)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _write_result(result, loaders, tok, out, config):
+    """OUT/ (one merged model) or OUT/<task>/ (one per task when heads are task-specific), and
+    OUT/<method>.json; written into a temporary sibling directory, then renamed into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if any(result.heads[n] for n in result.tasks):
+            for n in result.tasks:
+                module = _load_merged(loaders[n](), result.task_state_dicts[n], f"task {n}")
+                module.save_pretrained(str(tmp / n))
+                tok.save_pretrained(str(tmp / n))
+                del module
+        else:
+            module = _load_merged(loaders[result.tasks[0]](), result.state_dict, "merged model")
+            module.save_pretrained(str(tmp))
+            tok.save_pretrained(str(tmp))
+            del module
+        summary = result.to_json()
+        summary["config"].update(config)
+        with open(tmp / f"{result.method}.json", "w") as f:
+            json.dump(summary, f, indent=1)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _finish(args, result, kind, base, models, data, tok, tok_dir, task_specific, loaders, out):
+    _write_result(result, loaders, tok, out, dict(
+        kind=kind, base=str(base), models={n: str(p) for n, p in models.items()},
+        data={n: str(p) for n, p in data.items()}, tokenizer=str(tok_dir), task_specific_keys=task_specific))
+    last = f"{result.losses[-1]:.4g}" if result.losses else "n/a (0 steps)"
+    print(f"pymerge {result.method}: {kind}, {len(result.tasks)} tasks, {args.granularity} level, "
+          f"{len(result.losses)} steps, final loss {last} -> {out}")
+    return 0
+
+
+def cmd_divmerge(args):
+    from .methods.divmerge import EXAMPLES_PER_TASK, divmerge
+    limit = args.examples_per_task if args.examples_per_task is not None else EXAMPLES_PER_TASK[args.granularity]
+    base, models, data, texts, out = _task_inputs(args, limit)
+    kind = infer_kind(base, models) if args.kind == "auto" else args.kind
+    tf, device, dtype, tok, tok_dir = _runtime(args, base, models)
+    opts = _learn_options(args)
+    opts.update(teacher_cache=not args.no_cache, cache_dir=args.cache_dir)
+    if kind == "causal-lm":
+        auto = tf.AutoModelForCausalLM
+        base_model, _ = _load(auto, base, dtype, device)
+        loaders = _loaders(auto, models, dtype, device)
+        inputs = {n: _prompts(tok, texts[n], args.max_length) for n in models}
+        task_specific = args.task_specific_keys
+        opts.update(max_new_tokens=args.max_new_tokens, top_k=None if args.top_k == 0 else args.top_k)
+    else:
+        base_model, loaders, inputs, task_specific, pad = _classification_setup(tf, args, base, models, texts, tok,
+                                                                                dtype, device)
+        opts["pad_value"] = pad
+    result = _learn(divmerge, base_model, loaders, inputs, kind=kind, task_specific_keys=task_specific,
+                    granularity=args.granularity, divergence=args.divergence, **opts)
+    del base_model
+    return _finish(args, result, kind, base, models, data, tok, tok_dir, task_specific, loaders, out)
+
+
+def cmd_adamerging(args):
+    from .methods.adamerging import adamerging
+    base, models, data, texts, out = _task_inputs(args, args.examples_per_task)
+    if _kind_of_dirs(base, models) == "causal-lm":
+        raise CLIError("adamerging merges sequence classifiers (its entropy is over each task head's class "
+                       "predictions); these are causal LMs: use `pymerge divmerge`")
+    tf, device, dtype, tok, tok_dir = _runtime(args, base, models)
+    opts = _learn_options(args)
+    if args.no_clamp:
+        opts["clamp"] = None
+    base_model, loaders, batches, task_specific, pad = _classification_setup(tf, args, base, models, texts, tok,
+                                                                             dtype, device)
+    result = _learn(adamerging, base_model, loaders, batches, task_specific_keys=task_specific,
+                    granularity=args.granularity, pad_value=pad, **opts)
+    del base_model
+    return _finish(args, result, "classification", base, models, data, tok, tok_dir, task_specific, loaders, out)
+
+
+# ------------------------------------------------------------------------------------------------- main
+def _add_learn_arguments(p, defaults):
+    """The arguments divmerge and adamerging share; `defaults` words the method's defaults for the help."""
+    p.add_argument("--base", required=True, metavar="DIR", help="pretrained base model directory (θ_0)")
+    p.add_argument("--model", action="append", metavar="NAME=DIR", help="a fine-tuned model (repeat per task)")
+    p.add_argument("--data", action="append", metavar="NAME=FILE", help='JSONL of {"text": ...} for task NAME')
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--granularity", choices=("layer", "task"), default="layer")
+    p.add_argument("--task-specific-keys", metavar="REGEX",
+                   help="keys not merged, each task keeps its own (default for classification: the head, i.e. "
+                        "the keys the base checkpoint lacks)")
+    p.add_argument("--layer-groups", metavar="REGEX", help="one Γ per task per regex match (layer granularity)")
+    p.add_argument("--start", choices=("pretrained", "cart"), default="pretrained")
+    p.add_argument("--init", type=float, help=f"initial Γ (default {defaults['init']})")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate (default {defaults['lr']})")
+    p.add_argument("--epochs", type=int, help=f"passes over the data (default {defaults['epochs']})")
+    p.add_argument("--steps", type=int, help=f"optimisation steps, overrides --epochs (default {defaults['steps']})")
+    p.add_argument("--batch-size", type=int,
+                   help=f"examples per step, mixed across tasks (default {defaults['batch_size']})")
+    p.add_argument("--examples-per-task", type=int,
+                   help=f"unlabelled examples per task (default {defaults['examples_per_task']})")
+    p.add_argument("--temperature", type=float, help="softmax temperature (default 1.0)")
+    p.add_argument("--seed", type=int, help="seed of the batch order (default 0)")
+    p.add_argument("--max-length", type=int, default=128, help="truncate inputs/prompts to this many tokens")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"), default="float32")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser():
+    from .methods import adamerging as ada, divmerge as dm
+    p = argparse.ArgumentParser(prog="pymerge", description="Fast model merging: CART, DivMerge and relatives.")
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("methods", help="list the registered merging methods and their parameters")
+    m.set_defaults(func=cmd_methods)
+
+    d = sub.add_parser("divmerge", help="learn merge coefficients with DivMerge on unlabelled task data",
+                       description="DivMerge: learn Γ so that θ_0 + Σ_t Γ_t τ_t stays close (JS or KL) to each "
+                                   "fine-tuned model on unlabelled inputs of its task.")
+    _add_learn_arguments(d, dict(init="1/T", lr=dm.DEFAULTS["lr"], epochs=dm.DEFAULTS["epochs"],
+                                 steps="none: --epochs", batch_size="4*T",
+                                 examples_per_task="{task} task level, {layer} layer level"
+                                 .format(**dm.EXAMPLES_PER_TASK)))
+    d.add_argument("--kind", choices=KINDS, default="auto", help="model kind (default: from config.json)")
+    d.add_argument("--divergence", choices=("js", "kl"), default="js")
+    d.add_argument("--max-new-tokens", type=int, default=dm.CAUSAL_LM_DEFAULTS["max_new_tokens"],
+                   help="causal LM: teacher continuation length")
+    d.add_argument("--top-k", type=int, default=dm.CAUSAL_LM_DEFAULTS["top_k"],
+                   help="causal LM: cached teacher top-k (0: dense)")
+    d.add_argument("--cache-dir", metavar="DIR", help="teacher cache (default $PYMERGE_CACHE or ~/.cache/pymerge)")
+    d.add_argument("--no-cache", action="store_true", help="do not read or write the teacher cache")
+    d.set_defaults(func=cmd_divmerge)
+
+    a = sub.add_parser("adamerging", help="learn merge coefficients with AdaMerging (entropy minimisation)",
+                       description="AdaMerging: learn Γ minimising the entropy of θ_0 + Σ_t Γ_t τ_t's predictions "
+                                   "(task t's head) on unlabelled inputs of each task; sequence classifiers. "
+                                   "Official defaults: init 0.3, Adam lr 1e-3, 500 steps, 16 examples per task "
+                                   "per step, Γ clamped to [0, 1].")
+    _add_learn_arguments(a, dict(init=ada.DEFAULTS["init"], lr=ada.DEFAULTS["lr"], epochs="none: --steps",
+                                 steps=ada.DEFAULTS["steps"], batch_size=f"{ada.BATCH_PER_TASK}*T",
+                                 examples_per_task="all lines"))
+    a.add_argument("--no-clamp", action="store_true", help="leave Γ unconstrained (default: clamped to [0, 1])")
+    a.set_defaults(func=cmd_adamerging)
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CLIError as e:
+        print(f"pymerge {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

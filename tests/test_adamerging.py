@@ -1,0 +1,98 @@
+"""AdaMerging on the pymerge.learned machinery: entropy objective, clamp, official defaults, errors."""
+import pytest
+import torch
+
+import pymerge
+from pymerge import learned
+from pymerge.methods import adamerging as ada
+
+from test_divmerge import TokenNet, finetunes, one_thread, token_data  # noqa: F401 (one_thread: autouse)
+
+
+def setup(T=2, dtype=torch.float64):
+    torch.manual_seed(0)
+    base = TokenNet().to(dtype)
+    return base, finetunes(base, T, scale=0.5, dtype=dtype), token_data(T, n=16)
+
+
+def mean_entropy(result, models, data):
+    """sum_t mean entropy of task t's merged model (own head) over all its examples."""
+    total = 0.0
+    for t, name in enumerate(result.tasks):
+        m = TokenNet(models[t].head.out_features).to(models[t].head.weight.dtype)
+        m.load_state_dict(result.task_state_dicts[name])
+        batch = learned.collate(learned.collect_examples(data[t]))
+        with torch.no_grad():
+            total += float(pymerge.ops.entropy(m(**batch)["logits"], backend="reference"))
+    return total
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_entropy_decreases_and_clamp_holds(granularity):
+    base, models, data = setup()
+    start = pymerge.adamerging(base, models, data, task_specific_keys=r"^head\.", granularity=granularity, steps=0,
+                               progress=False, backend="reference")
+    assert (start.coefficients == 0.3).all()                        # official init
+    r = pymerge.adamerging(base, models, data, task_specific_keys=r"^head\.", granularity=granularity, lr=0.05,
+                           steps=120, progress=False, backend="reference")
+    assert mean_entropy(r, models, data) < mean_entropy(start, models, data) - 0.05
+    assert float(r.coefficients.min()) >= 0.0 and float(r.coefficients.max()) <= 1.0
+    # The unconstrained optimum lies outside [0, 1] here: some coefficients sit exactly on a bound.
+    assert ((r.coefficients == 0.0) | (r.coefficients == 1.0)).any()
+    # Without the clamp the same run leaves [0, 1].
+    free = pymerge.adamerging(base, models, data, task_specific_keys=r"^head\.", granularity=granularity,
+                              lr=0.05, steps=120, clamp=None, progress=False, backend="reference")
+    assert float(free.coefficients.max()) > 1.0 or float(free.coefficients.min()) < 0.0
+
+
+def test_official_defaults():
+    assert ada.DEFAULTS["init"] == 0.3 and ada.DEFAULTS["lr"] == 1e-3 and ada.DEFAULTS["steps"] == 500
+    assert ada.DEFAULTS["clamp"] == (0.0, 1.0) and ada.BATCH_PER_TASK == 16
+    base, models, data = setup()
+    r = pymerge.adamerging(base, models, data, task_specific_keys=r"^head\.", granularity="task", steps=2,
+                           progress=False)
+    assert r.config["batch_size"] == 32 and r.config["lr"] == 1e-3 and r.method == "adamerging"
+    assert r.coefficients.shape == (2,)
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_entropy_gradient_matches_finite_differences(granularity):
+    base, models, data = setup()
+    examples = [learned.collect_examples(d, limit=6) for d in data]
+    merged = learned.MergedModel.build(base, models, task_specific_keys=r"^head\.", granularity=granularity)
+    assert merged.verify([ex[:2] for ex in examples]) == {"gathered": True, "batched": True}
+    tasks = [learned.TaskExamples(str(t), ex) for t, ex in enumerate(examples)]
+    opt = learned.CoefficientOptimizer(merged, tasks, ada.EntropyObjective(backend="reference"))
+    g = torch.Generator().manual_seed(1)
+    gamma0 = torch.rand(merged.gamma.shape, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda gam: opt.loss(gamma=gam), (gamma0,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_init_from_starts_at_zero_and_cart_runs():
+    base, models, data = setup()
+    b = base.state_dict()
+    avg = {k: sum(m.state_dict()[k] for m in models) / 2 for k in b if not k.startswith("head")}
+    r = pymerge.adamerging(base, models, data, task_specific_keys=r"^head\.", init_from=avg, steps=0,
+                           progress=False)
+    assert (r.coefficients == 0).all()
+    for k, v in avg.items():
+        torch.testing.assert_close(r.state_dict[k], v)
+    c = pymerge.adamerging(base, models, data, task_specific_keys=r"^head\.", start="cart", granularity="task",
+                           lr=0.05, steps=20, progress=False, backend="reference")
+    assert c.config["start"] == "cart" and len(c.losses) == 20
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(data={"task0": token_data(1)[0]}), r"have no data"),
+    (dict(data={"task0": [], "task1": token_data(1)[0]}), r"task 'task0' is empty"),
+    (dict(divergence="js"), r"unknown option\(s\) \['divergence'\]"),
+    (dict(clamp=(1.0, 0.0)), "clamp"),
+    (dict(temperature=0), "temperature"),
+    (dict(granularity="model"), "granularity"),
+])
+def test_bad_inputs(kw, match):
+    base, models, data = setup()
+    args = dict(task_specific_keys=r"^head\.", steps=1, progress=False)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        pymerge.adamerging(base, models, args.pop("data", data), **args)

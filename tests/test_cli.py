@@ -1,0 +1,279 @@
+"""`pymerge` command line: methods listing, divmerge end to end on tiny Hugging Face directories written here
+(classification with per-task heads, causal LM, the teacher cache), adamerging (classification), atomic
+output, and clear errors for bad inputs."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pymerge import cli
+from test_divmerge import one_thread, teacher_cache_dir  # noqa: F401 (autouse: 1 thread, a per-test cache)
+
+transformers = pytest.importorskip("transformers")
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig,  # noqa: E402
+                          BertForSequenceClassification, BertModel, BertTokenizer, LlamaConfig, LlamaForCausalLM)
+
+WORDS = "the a movie film good bad great plot story was is and not very boring fun".split()
+TEXTS = ["the movie was good", "a very boring plot", "the story is fun and great", "not a good film",
+         "bad plot", "the film was very fun"]
+
+
+def _vocab():
+    return {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
+
+
+def _perturbed(module, seed, scale=0.2, skip=()):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, p in module.named_parameters():
+            if not any(s in k for s in skip):
+                p.add_(scale * p.std().clamp(min=1e-2) * torch.randn(p.shape, generator=g))
+    return module
+
+
+def _jsonl(path, texts, label=True):
+    path.write_text("".join(json.dumps({"text": t, **({"label": i % 2} if label else {})}) + "\n"
+                            for i, t in enumerate(texts)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bert_dirs(tmp_path_factory):
+    """base = BertModel (no head); a, b = sequence classifiers with 2 and 3 labels, body = base + delta."""
+    root = tmp_path_factory.mktemp("bert")
+    tok = BertTokenizer(vocab=_vocab())
+    cfg = dict(vocab_size=len(tok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=32, max_position_embeddings=32)
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(**cfg))
+    base.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    for name, labels, seed in (("a", 2, 1), ("b", 3, 2)):
+        m = BertForSequenceClassification(BertConfig(**cfg, num_labels=labels))
+        m.bert.load_state_dict(base.state_dict())
+        _perturbed(m.bert, seed)
+        m.save_pretrained(root / name)
+    _jsonl(root / "a.jsonl", TEXTS)
+    _jsonl(root / "b.jsonl", TEXTS[::-1], label=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def llama_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    tok = BertTokenizer(vocab=_vocab())  # any tokenizer AutoTokenizer can load serves the CLI
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, pad_token_id=0,
+                      initializer_range=0.2)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg)
+    base.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    for name, seed in (("x", 3), ("y", 4)):
+        m = LlamaForCausalLM(cfg)
+        m.load_state_dict(base.state_dict())
+        _perturbed(m, seed, scale=0.3)
+        m.save_pretrained(root / name)
+    _jsonl(root / "x.jsonl", TEXTS[:3])
+    _jsonl(root / "y.jsonl", TEXTS[3:])
+    return root
+
+
+def _two_task_argv(command, root, out, *extra):
+    """`pymerge COMMAND` on the two BERT classifiers a, b of bert_dirs."""
+    return [command, "--base", root / "base", "--model", f"a={root / 'a'}", "--model", f"b={root / 'b'}",
+            "--data", f"a={root / 'a.jsonl'}", "--data", f"b={root / 'b.jsonl'}", "--out", out, *extra]
+
+
+def _check_per_task_merge(root, out, gamma, key):
+    """OUT/a and OUT/b: each its own head and the merged body θ_0 + Σ_t Γ_t τ_t at `key`."""
+    base = BertModel.from_pretrained(root / "base").state_dict()
+    fine = {n: AutoModelForSequenceClassification.from_pretrained(root / n).state_dict() for n in "ab"}
+    b0 = base[key[len("bert."):]].double()
+    expect = b0 + sum(gamma[t] * (fine[m][key].double() - b0) for t, m in enumerate("ab"))
+    for n in "ab":
+        got = AutoModelForSequenceClassification.from_pretrained(out / n).state_dict()
+        assert torch.equal(got["classifier.weight"], fine[n]["classifier.weight"])
+        torch.testing.assert_close(got[key].double(), expect, atol=1e-6, rtol=1e-5)
+
+
+def _run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_methods_lists_the_registry(capsys):
+    from pymerge import methods
+    code, out, _ = _run(["methods"], capsys)
+    assert code == 0
+    for name in methods.available():
+        assert methods.get(name).describe().splitlines()[0] in out
+    assert "divmerge" in out and "pymerge adamerging --help" in out
+
+
+def test_console_entry_point_module_runs():
+    r = subprocess.run([sys.executable, "-m", "pymerge.cli", "methods"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "task_arithmetic" in r.stdout or "weight_average" in r.stdout
+
+
+def test_divmerge_classification_per_task_heads(bert_dirs, tmp_path, capsys, teacher_cache_dir):
+    out = tmp_path / "merged"
+    code, stdout, err = _run(_two_task_argv("divmerge", bert_dirs, out, "--granularity", "task", "--steps", "3",
+                                            "--lr", "0.05", "--quiet"), capsys)
+    assert code == 0, err
+    assert "classification" in stdout and str(out) in stdout
+    summary = json.loads((out / "divmerge.json").read_text())
+    assert summary["tasks"] == ["a", "b"] and len(summary["losses"]) == 3
+    assert summary["config"]["task_specific_keys"] == r"^(?:classifier\.bias|classifier\.weight)$"
+    gamma = torch.tensor([summary["coefficients"]["a"], summary["coefficients"]["b"]], dtype=torch.float64)
+    assert not torch.allclose(gamma, torch.full((2,), 0.5, dtype=torch.float64))  # it moved
+    # each task: merged body θ_0 + Σ Γ_t τ_t, its own head
+    _check_per_task_merge(bert_dirs, out, gamma, "bert.encoder.layer.1.attention.self.query.weight")
+    assert AutoModelForSequenceClassification.from_pretrained(out / "b").config.num_labels == 3
+    assert (out / "a" / "tokenizer_config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    assert summary["config"]["kind"] == "classification" and summary["config"]["teacher_cache_hits"] == 0
+    assert len(list((teacher_cache_dir / "teachers").glob("*.safetensors"))) == 2
+
+
+def test_divmerge_classification_rerun_reads_the_teacher_cache(bert_dirs, tmp_path, capsys, teacher_cache_dir):
+    argv = ["divmerge", "--base", bert_dirs / "base", "--model", f"a={bert_dirs / 'a'}", "--data",
+            f"a={bert_dirs / 'a.jsonl'}", "--granularity", "task", "--steps", "2", "--quiet"]
+    summaries = []
+    for name, extra in (("first", []), ("again", []), ("off", ["--no-cache"])):
+        code, _, err = _run(argv + ["--out", tmp_path / name] + extra, capsys)
+        assert code == 0, err
+        summaries.append(json.loads((tmp_path / name / "divmerge.json").read_text()))
+    assert [s["config"]["teacher_cache_hits"] for s in summaries] == [0, 1, 0]
+    assert summaries[0]["coefficients"] == summaries[1]["coefficients"] == summaries[2]["coefficients"]
+    assert len(list((teacher_cache_dir / "teachers").glob("*.safetensors"))) == 1
+
+
+def test_divmerge_causal_lm_and_teacher_cache(llama_dirs, tmp_path, capsys):
+    out = tmp_path / "merged"
+    argv = ["divmerge", "--base", llama_dirs / "base", "--model", f"x={llama_dirs / 'x'}",
+            "--model", f"y={llama_dirs / 'y'}", "--data", f"x={llama_dirs / 'x.jsonl'}",
+            "--data", f"y={llama_dirs / 'y.jsonl'}", "--out", out, "--granularity", "task", "--divergence", "kl",
+            "--steps", "2", "--max-new-tokens", "3", "--top-k", "8", "--cache-dir", tmp_path / "cache", "--quiet"]
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    assert "causal-lm" in stdout
+    summary = json.loads((out / "divmerge.json").read_text())
+    assert summary["config"]["kind"] == "causal-lm" and summary["config"]["teacher_cache_hits"] == 0
+    assert summary["config"]["top_k"] == 8
+    merged = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(llama_dirs / "base").state_dict()
+    fine = [AutoModelForCausalLM.from_pretrained(llama_dirs / n).state_dict() for n in "xy"]
+    gamma = [summary["coefficients"][n] for n in "xy"]
+    key = "model.layers.0.mlp.up_proj.weight"
+    expect = base[key].double() + sum(g * (f[key].double() - base[key].double()) for g, f in zip(gamma, fine))
+    torch.testing.assert_close(merged[key].double(), expect, atol=1e-6, rtol=1e-5)
+    assert len(list((tmp_path / "cache" / "teachers").glob("*.safetensors"))) == 2
+    # rerun into the same place: refused without --overwrite; with it, both teachers come from the cache
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and "already exists" in err
+    code, _, err = _run(argv + ["--overwrite"], capsys)
+    assert code == 0, err
+    again = json.loads((out / "divmerge.json").read_text())
+    assert again["config"]["teacher_cache_hits"] == 2
+    assert again["coefficients"] == summary["coefficients"]
+
+
+def test_adamerging_classification_per_task_heads(bert_dirs, tmp_path, capsys, teacher_cache_dir):
+    out = tmp_path / "merged"
+    code, stdout, err = _run(_two_task_argv("adamerging", bert_dirs, out, "--granularity", "task", "--steps", "4",
+                                            "--lr", "0.05", "--quiet"), capsys)
+    assert code == 0, err
+    assert stdout.startswith("pymerge adamerging: classification, 2 tasks") and str(out) in stdout
+    summary = json.loads((out / "adamerging.json").read_text())
+    assert summary["method"] == "adamerging" and summary["tasks"] == ["a", "b"] and len(summary["losses"]) == 4
+    cfg = summary["config"]
+    assert cfg["lr"] == 0.05 and cfg["batch_size"] == 32 and cfg["clamp"] == "(0.0, 1.0)"  # 16 per task
+    assert cfg["task_specific_keys"] == r"^(?:classifier\.bias|classifier\.weight)$"
+    gamma = torch.tensor([summary["coefficients"]["a"], summary["coefficients"]["b"]], dtype=torch.float64)
+    assert ((gamma >= 0) & (gamma <= 1)).all() and not torch.allclose(gamma, torch.full((2,), 0.3, dtype=gamma.dtype))
+    _check_per_task_merge(bert_dirs, out, gamma, "bert.encoder.layer.0.output.dense.weight")
+    assert not (teacher_cache_dir / "teachers").exists()  # no teacher: nothing cached
+    # --epochs instead of the official 500 steps (6 examples, 16 per task per step: 1 step per epoch), no clamp
+    code, _, err = _run(["adamerging", "--base", bert_dirs / "base", "--model", f"a={bert_dirs / 'a'}",
+                         "--data", f"a={bert_dirs / 'a.jsonl'}", "--out", tmp_path / "free", "--epochs", "2",
+                         "--no-clamp", "--init", "0.5", "--quiet"], capsys)
+    assert code == 0, err
+    free = json.loads((tmp_path / "free" / "adamerging.json").read_text())
+    assert len(free["losses"]) == 2 and free["config"]["clamp"] == "None" and free["config"]["init"] == 0.5
+
+
+def test_adamerging_errors(bert_dirs, llama_dirs, tmp_path, capsys):
+    code, _, err = _run(["adamerging", "--base", llama_dirs / "base", "--model", f"x={llama_dirs / 'x'}",
+                         "--data", f"x={llama_dirs / 'x.jsonl'}", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and err.startswith("pymerge adamerging: error: ") and "causal LMs" in err
+    code, _, err = _run(["adamerging", "--base", bert_dirs / "base", "--model", f"a={bert_dirs / 'a'}",
+                         "--out", tmp_path / "out"], capsys)
+    assert code == 2 and r"['a'] have --model but no --data" in err
+    code, _, err = _run(["adamerging", "--base", bert_dirs / "base", "--model", f"a={bert_dirs / 'a'}",
+                         "--data", f"a={bert_dirs / 'a.jsonl'}", "--out", tmp_path / "out", "--steps", "1",
+                         "--batch-size", "0", "--quiet"], capsys)
+    assert code == 2 and "batch_size = 0" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_write_leaves_no_output(bert_dirs, tmp_path, capsys, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(cli.json, "dump", boom)
+    out = tmp_path / "merged"
+    with pytest.raises(RuntimeError, match="disk full"):
+        cli.main(["divmerge", "--base", str(bert_dirs / "base"), "--model", f"a={bert_dirs / 'a'}",
+                  "--data", f"a={bert_dirs / 'a.jsonl'}", "--out", str(out), "--steps", "0", "--quiet"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def files(tmp_path, bert_dirs):
+    good = _jsonl(tmp_path / "good.jsonl", TEXTS[:2])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n\n{"text": "broken"\n')
+    notext = tmp_path / "notext.jsonl"
+    notext.write_text('{"text": "fine"}\n{"label": 1}\n')
+    return dict(good=good, empty=empty, bad=bad, notext=notext, missing=tmp_path / "nope.jsonl",
+                base=bert_dirs / "base", a=bert_dirs / "a", out=tmp_path / "out")
+
+
+@pytest.mark.parametrize("case,extra,message", [
+    ("missing", [], "does not exist"),
+    ("empty", [], "is empty"),
+    ("bad", [], r"bad.jsonl:3: not valid JSON"),
+    ("notext", [], r"notext.jsonl:2: expected an object with a \"text\" field"),
+    ("good", ["--data", "zzz=FILE"], r"\['zzz'\] have --data but no --model"),
+    ("good", ["--model", "zzz=DIR"], r"\['zzz'\] have --model but no --data"),
+    ("good", ["--model", "oops"], "expected NAME=PATH"),
+    ("good", ["--data", "a=x"], "given twice"),
+])
+def test_divmerge_input_errors(files, capsys, case, extra, message):
+    extra = [e.replace("FILE", str(files["good"])).replace("DIR", str(files["a"])) for e in extra]
+    code, _, err = _run(["divmerge", "--base", files["base"], "--model", f"a={files['a']}",
+                         "--data", f"a={files[case]}", "--out", files["out"], *extra], capsys)
+    assert code == 2
+    assert err.startswith("pymerge divmerge: error: ")
+    import re
+    assert re.search(message, err), err
+    assert not files["out"].exists()
+
+
+def test_divmerge_model_dir_errors(files, tmp_path, capsys):
+    code, _, err = _run(["divmerge", "--base", tmp_path, "--model", f"a={files['a']}", "--data",
+                         f"a={files['good']}", "--out", files["out"]], capsys)
+    assert code == 2 and "no config.json" in err
+    code, _, err = _run(["divmerge", "--base", files["base"], "--model", f"a={tmp_path / 'nodir'}", "--data",
+                         f"a={files['good']}", "--out", files["out"]], capsys)
+    assert code == 2 and "not a directory" in err
+    code, _, err = _run(["divmerge", "--base", files["base"], "--data", f"a={files['good']}", "--out",
+                         files["out"]], capsys)
+    assert code == 2 and "at least one fine-tuned model" in err
