@@ -53,37 +53,64 @@ def center_task_vectors(thetas: Union[torch.Tensor, Sequence[torch.Tensor]], wei
                         backend: str = "auto"):
     """avg = sum_t w_t theta_t (w_t = 1/T by default); centered[t] = theta_t - avg.
 
-    thetas: Tensor[T, *S] or a sequence of T same-shape float tensors (fp16/bf16/fp32/fp64); nothing is
-    stacked. Accumulates in fp32 (fp64 for fp64 inputs); each input element is read once.
-    Returns (avg [*S], centered [T, *S]) in out_dtype (default: the inputs' dtype). With
-    return_centered=False, centered is an empty tensor (only the average is computed).
-    out=(avg_buffer, centered_buffer) writes into caller buffers (centered_buffer may be None) and returns them.
+    thetas: Tensor[T, *S] or a sequence of T same-shape, same-dtype float tensors (fp16/bf16/fp32/fp64) on
+    one device; nothing is stacked (a non-contiguous input is made contiguous on its own). weights: None
+    (uniform 1/T), or T numbers / a Tensor[T]. Accumulates in fp32 (fp64 for fp64 inputs) in the order
+    t = 0..T-1; each input element is read from memory once, avg and centered are written once.
+    Returns (avg [*S], centered [T, *S]) in out_dtype (default: the inputs' dtype; any float dtype). With
+    return_centered=False, centered is an empty tensor and only the average is computed.
+    out=(avg_buffer, centered_buffer): fill caller buffers of shapes [*S] and [T, *S] (one float dtype, which
+    then sets the output dtype; centered_buffer may be None) and return them. centered_buffer may be the
+    input stack itself (centered[t] exactly aliasing thetas[t]: centering in place); other overlaps between
+    out buffers and inputs are not supported.
+    Errors (ValueError): T = 0, non-float or mismatched dtypes, mismatched shapes or devices, weights not of
+    length T or not finite, out_dtype not a float dtype, out buffers of the wrong shape, dtype or device.
     """
     op = "center_task_vectors"
     thetas = as_tensor_list(thetas, op)
-    T, shape, dtype = len(thetas), thetas[0].shape, thetas[0].dtype
+    T, shape, dtype, device = len(thetas), thetas[0].shape, thetas[0].dtype, thetas[0].device
     out_dtype = out_dtype or dtype
     if out_dtype not in _FLOATS:
         raise ValueError(f"{op}: out_dtype {out_dtype} is not a float dtype")
-    w = task_weights(weights, T, dtype, thetas[0].device, op)
-    be = resolve(backend, thetas[0].device, op)
-    if out is not None:
-        avg_buf, cent_buf = out
-        want_cent = (T, *shape) if cent_buf is not None else None
-        if avg_buf.shape != shape or (cent_buf is not None and cent_buf.shape != want_cent):
-            raise ValueError(f"{op}: out buffers have shapes {tuple(avg_buf.shape)}, "
-                             f"{None if cent_buf is None else tuple(cent_buf.shape)}; expected {tuple(shape)}"
-                             f" and {want_cent}")
-        if be == "cpu" or be == "cuda":
-            empty = torch.empty(0, dtype=avg_buf.dtype, device=avg_buf.device)
-            torch.ops.pymerge.center_task_vectors_out(thetas, w, avg_buf, empty if cent_buf is None else cent_buf)
-            return avg_buf, cent_buf
-        avg, cent = _functional(be, thetas, w, avg_buf.dtype, cent_buf is not None)
-        avg_buf.copy_(avg)
-        if cent_buf is not None:
-            cent_buf.copy_(cent)
+    w = task_weights(weights, T, dtype, device, op)
+    be = resolve(backend, device, op)
+    if out is None:
+        return _functional(be, thetas, w, out_dtype, return_centered)
+
+    avg_buf, cent_buf = _check_out(out, T, shape, device, op)
+    if be in ("cpu", "cuda"):
+        empty = avg_buf.new_empty(0)
+        torch.ops.pymerge.center_task_vectors_out(thetas, w, avg_buf, empty if cent_buf is None else cent_buf)
         return avg_buf, cent_buf
-    return _functional(be, thetas, w, out_dtype, return_centered)
+    if be == "triton" and avg_buf.is_contiguous() and (cent_buf is None or cent_buf.is_contiguous()):
+        from pymerge.kernels.center import center_task_vectors as triton_center
+        return triton_center(thetas, w, out=(avg_buf, cent_buf))
+    avg, cent = _functional(be, thetas, w, avg_buf.dtype, cent_buf is not None)
+    avg_buf.copy_(avg)
+    if cent_buf is not None:
+        cent_buf.copy_(cent)
+    return avg_buf, cent_buf
+
+
+def _check_out(out, T, shape, device, op):
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise ValueError(f"{op}: out must be a pair (avg_buffer, centered_buffer or None)")
+    avg_buf, cent_buf = out
+    want_cent = (T, *shape)
+    if not isinstance(avg_buf, torch.Tensor) or (cent_buf is not None and not isinstance(cent_buf, torch.Tensor)):
+        raise ValueError(f"{op}: out buffers must be tensors (centered_buffer may be None)")
+    if avg_buf.shape != shape or (cent_buf is not None and cent_buf.shape != want_cent):
+        raise ValueError(f"{op}: out buffers have shapes {tuple(avg_buf.shape)}, "
+                         f"{None if cent_buf is None else tuple(cent_buf.shape)}; expected {tuple(shape)}"
+                         f" and {want_cent}")
+    if avg_buf.dtype not in _FLOATS:
+        raise ValueError(f"{op}: out avg buffer has dtype {avg_buf.dtype}; expected one of {_FLOATS}")
+    if cent_buf is not None and cent_buf.dtype != avg_buf.dtype:
+        raise ValueError(f"{op}: out buffers have dtypes {avg_buf.dtype} and {cent_buf.dtype}; they must match")
+    for buf in (avg_buf, cent_buf):
+        if buf is not None and buf.device != device:
+            raise ValueError(f"{op}: out buffer is on {buf.device} but thetas are on {device}")
+    return avg_buf, cent_buf
 
 
 def _functional(be, thetas, w, out_dtype, want_centered):
@@ -102,3 +129,7 @@ if extension_loaded():
         avg = thetas[0].new_empty(thetas[0].shape, dtype=dtype)
         cent = thetas[0].new_empty((len(thetas), *thetas[0].shape) if centered else (0,), dtype=dtype)
         return avg, cent
+
+    @torch.library.register_fake("pymerge::center_task_vectors_out")
+    def _(thetas, weights, avg, centered):
+        return None
