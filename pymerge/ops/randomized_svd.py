@@ -11,8 +11,10 @@ from .center import _FLOATS, as_tensor_list, center_task_vectors
 class Centered:
     """The batch A[t] = thetas[t] - avg, given implicitly: kernels never materialise the T centered matrices.
 
-    thetas: Tensor[T, m, n] or a sequence of T [m, n] tensors; avg: [m, n] (default: their uniform
-    average, or the `weights`-weighted one).
+    thetas: Tensor[T, m, n] or a sequence of T [m, n] tensors (fp16/bf16/fp32/fp64, any strides, not stacked);
+    avg: [m, n] (default: their uniform average, or the `weights`-weighted one). avg is kept in the
+    accumulation dtype (fp32 for fp16/bf16 thetas, fp64 for fp64): rounding the mean to 8 or 11 mantissa bits
+    would perturb every theta - avg by eps * |avg|, large next to small centered task vectors.
     """
 
     def __init__(self, thetas, avg: Optional[torch.Tensor] = None, weights=None):
@@ -20,14 +22,18 @@ class Centered:
         self.thetas = as_tensor_list(thetas, op)
         if self.thetas[0].dim() != 2:
             raise ValueError(f"{op}: thetas must be 2-D matrices, got shape {tuple(self.thetas[0].shape)}")
+        acc = _acc_dtype(self.thetas[0].dtype)
         if avg is None:
-            avg = center_task_vectors(self.thetas, weights, return_centered=False)[0]
+            avg = center_task_vectors(self.thetas, weights, out_dtype=acc, return_centered=False)[0]
+        if not isinstance(avg, torch.Tensor) or avg.dtype not in _FLOATS:
+            raise ValueError(f"{op}: avg must be a float Tensor, got "
+                             f"{getattr(avg, 'dtype', type(avg).__name__)}")
         if avg.shape != self.thetas[0].shape:
             raise ValueError(f"{op}: avg has shape {tuple(avg.shape)} but thetas have "
                              f"{tuple(self.thetas[0].shape)}")
         if avg.device != self.thetas[0].device:
             raise ValueError(f"{op}: avg is on {avg.device} but thetas are on {self.thetas[0].device}")
-        self.avg = avg.to(self.thetas[0].dtype)
+        self.avg = avg.to(acc)
 
     @property
     def shape(self):
@@ -42,28 +48,39 @@ class Centered:
         return self.thetas[0].device
 
     def materialize(self):
-        """The explicit [T, m, n] batch (for checks and small cases)."""
-        return torch.stack([theta - self.avg for theta in self.thetas])
+        """The explicit [T, m, n] batch in the accumulation dtype (for checks and small cases)."""
+        return torch.stack([theta.to(self.avg.dtype) - self.avg for theta in self.thetas])
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _test_matrix(B, n, l, dtype, device, seed):
-    # Drawn on the CPU in float32 whatever the backend: a fixed seed gives the same omega everywhere.
+    # Drawn on the CPU in float32 whatever the backend: a fixed seed gives the same omega everywhere. Stored as
+    # [B, l, n] and handed over as its [B, n, l] transpose: the kernels keep their iterates transposed and use it
+    # in place (no copy of the largest operand they are given).
     gen = torch.Generator()
     gen.manual_seed(torch.seed() if seed is None else int(seed))
-    omega = torch.randn(B, n, l, generator=gen, dtype=torch.float32)
+    omega = torch.randn(B, l, n, generator=gen, dtype=torch.float32)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return omega.to(device=device, dtype=acc)
+    return omega.to(device=device, dtype=acc).transpose(1, 2)
 
 
 def randomized_svd(A, k: int, oversample: int = 10, power_iters: int = 2, seed: Optional[int] = None, *,
                    backend: str = "auto"):
     """Rank-k randomized SVD: A ~= U diag(S) V^T.
 
-    A: Tensor [m, n], a batch [B, m, n], or Centered(thetas, avg) (the batch thetas[t] - avg, implicit).
-    Range finder with l = min(k + oversample, min(m, n)) columns and power_iters power iterations, each
-    followed by re-orthonormalisation; then the SVD of the small l x n matrix.
-    Returns U [.., m, k], S [.., k], V [.., n, k] in float32 (float64 for float64 input), batch dim kept
-    iff the input had one. Deterministic for a fixed seed, identical test matrix on every backend.
+    A: Tensor [m, n], a batch [B, m, n], or Centered(thetas, avg) (the batch thetas[t] - avg, implicit);
+    fp16/bf16/fp32/fp64, any strides. fp16/bf16 are widened exactly and computed in fp32.
+    Halko-Martinsson-Tropp range finder with l = min(k + oversample, m, n) columns and power_iters power
+    iterations, the basis re-normalised between products (LU with partial pivoting in the kernels, which spans
+    the same range; Householder QR in the reference), an orthonormal basis Q by Householder QR, then the SVD of
+    the small l x n matrix Q^T A (through a QR of its transpose). Cost ~ (2 power_iters + 2) m n l flops.
+    Returns U [.., m, k], S [.., k] (descending), V [.., n, k] in float32 (float64 for float64 input), batch dim
+    kept iff the input had one. Deterministic for a fixed seed (bitwise on one backend and thread count); the
+    test matrix omega is drawn on the CPU, so every backend sees the same one.
+    Raises ValueError for a non-float dtype, a wrong ndim, k outside [1, min(m, n)], or NaN / Inf in A.
     """
     op = "randomized_svd"
     centered = isinstance(A, Centered)
@@ -78,16 +95,22 @@ def randomized_svd(A, k: int, oversample: int = 10, power_iters: int = 2, seed: 
         if not batched:
             A = A.unsqueeze(0)
     B, m, n = A.shape
+    if m == 0 or n == 0:
+        raise ValueError(f"{op}: A has an empty matrix dimension (shape {tuple(A.shape)})")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k > min(m, n):
         raise ValueError(f"{op}: k = {k} must be an int in [1, min(m, n) = {min(m, n)}] for A of shape "
                          f"{tuple(A.shape)}")
-    if oversample < 0 or power_iters < 0:
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (oversample, power_iters)) \
+            or oversample < 0 or power_iters < 0:
         raise ValueError(f"{op}: oversample ({oversample}) and power_iters ({power_iters}) must be >= 0")
-    probe = A.avg if centered else A
-    if not torch.isfinite(probe).all():
-        raise ValueError(f"{op}: A contains NaN or Inf (shape {tuple(A.shape)})")
     l = min(k + oversample, m, n)
     be = resolve(backend, A.device, op)
+    if be == "reference":
+        # The kernels refuse NaN / Inf from the sketch A @ omega (every entry of A reaches it) at no extra pass;
+        # the plain-torch reference would hand them to LAPACK, so it is checked here.
+        parts = [*A.thetas, A.avg] if centered else [A]
+        if not all(bool(torch.isfinite(p).all()) for p in parts):
+            raise ValueError(f"{op}: A contains NaN or Inf (shape {tuple(A.shape)})")
     acc = torch.float64 if A.dtype == torch.float64 else torch.float32
     if B == 0:
         U, S, V = (torch.empty(0, m, k, dtype=acc, device=A.device), torch.empty(0, k, dtype=acc, device=A.device),
@@ -118,10 +141,19 @@ def _dispatch(be, A, omega, k, q, centered):
 def low_rank_sum(U, S, V, scale: float = 1.0, base: Optional[torch.Tensor] = None, *, backend: str = "auto"):
     """base + scale * sum_b U[b] diag(S[b]) V[b]^T, as one GEMM with inner dimension B*k.
 
-    U: [B, m, k] (or [m, k]), S: [B, k], V: [B, n, k]; base: [m, n] or None. Returns [m, n] in base's dtype
-    (U's dtype without base).
+    U: [B, m, k] (or [m, k] with S [k], V [n, k]), S: [B, k], V: [B, n, k]; base: [m, n] or None; any float
+    dtypes. Accumulates in fp32 (fp64 when U is fp64); the sum with base is rounded once. Returns [m, n] in
+    base's dtype (U's dtype without base).
     """
     op = "low_rank_sum"
+    for name, t in (("U", U), ("S", S), ("V", V), ("base", base)):
+        if t is None and name == "base":
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
+            raise ValueError(f"{op}: {name} must be a float Tensor (fp16/bf16/fp32/fp64), got "
+                             f"{getattr(t, 'dtype', type(t).__name__)}")
+        if t.device != U.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but U is on {U.device}")
     if U.dim() == 2:
         U, S, V = U.unsqueeze(0), S.unsqueeze(0), V.unsqueeze(0)
     if U.dim() != 3 or S.dim() != 2 or V.dim() != 3 or U.shape[0] != S.shape[0] or V.shape[0] != U.shape[0] \
@@ -136,6 +168,8 @@ def low_rank_sum(U, S, V, scale: float = 1.0, base: Optional[torch.Tensor] = Non
     if be == "triton":
         from pymerge.kernels import randomized_svd as triton_rsvd
         return triton_rsvd.low_rank_sum(U, S, V, scale, base)
+    if isinstance(scale, torch.Tensor):
+        scale = scale.item()
     return torch.ops.pymerge.low_rank_sum(U, S, V, float(scale), base)
 
 
