@@ -103,6 +103,44 @@ def _divergence(kind, student, teacher, teacher_is_logits, temperature, beta, ma
     return total / count.clamp(min=1).to(total.dtype)
 
 
+def scale_saved_grad(ctx, grad_rows, recompute):
+    """Backward of the fused op: d loss / d student = grad * grad_rows[:, None].
+
+    grad is the gradient the forward's sweep computed, held as ctx.pymerge_grad (a detached alias: nothing
+    else references it, the wrappers drop the op's gradient output). It is scaled in place and ctx lets go of
+    it first, so backward allocates no second N x V buffer and autograd adopts the result as student.grad
+    without a copy. A second backward through a retained graph (retain_graph=True, gradcheck) finds the buffer
+    gone and calls recompute() for a fresh gradient from the saved inputs.
+    The scale is applied in fp32 / fp64 and rounded once into the gradient's dtype: a uniform scale (the
+    "mean" and "sum" reductions: an expanded scalar) as a 0-dim tensor, which torch's kernels read in their
+    compute precision; per-row scales of a bf16 / fp16 gradient block by block (a whole-tensor mixed-dtype
+    in-place multiply would make fp32 copies of the gradient). An upstream gradient of exactly 1 (CPU) skips
+    the multiply; with create_graph=True or under torch.compile the multiply is out of place. Used by the
+    C++/CUDA op's register_autograd below and by the Triton autograd.Function in pymerge.kernels.divergence.
+    """
+    grad = ctx.pymerge_grad
+    ctx.pymerge_grad = None
+    if grad is None:
+        grad = recompute()
+    if grad_rows is None or grad.numel() == 0:
+        return grad if grad_rows is not None else torch.zeros_like(grad)
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return (grad.to(grad_rows.dtype) * grad_rows.unsqueeze(-1)).to(grad.dtype)
+    on_cpu = grad_rows.device.type == "cpu"
+    if grad_rows.stride(0) == 0 or (on_cpu and bool((grad_rows == grad_rows[0]).all())):
+        first = grad_rows[0]
+        if on_cpu and float(first) == 1.0:
+            return grad
+        return grad.mul_(first)
+    if grad.dtype == grad_rows.dtype:
+        return grad.mul_(grad_rows.unsqueeze(-1))
+    step = max(1, (1 << 20) // grad.shape[-1])
+    for i in range(0, grad.shape[0], step):
+        block = grad[i:i + step]
+        block.copy_(block.to(grad_rows.dtype).mul_(grad_rows[i:i + step].unsqueeze(-1)))
+    return grad
+
+
 if extension_loaded():
     @torch.library.register_fake("pymerge::divergence")
     def _(student, teacher, mask, kind, beta, temperature, teacher_is_logits, compute_grad):
@@ -112,12 +150,19 @@ if extension_loaded():
         return rows, grad
 
     def _setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output[1])
+        student, teacher, mask, kind, beta, temperature, teacher_is_logits, compute_grad = inputs
+        ctx.save_for_backward(student, teacher, mask)
+        ctx.pymerge_args = (kind, beta, temperature, teacher_is_logits)
+        # (a direct call with compute_grad=False still differentiates: backward then recomputes the gradient)
+        ctx.pymerge_grad = output[1].detach() if compute_grad else None
+        # the gradient output is no loss: never let autograd build an N x V zero "gradient" for it
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
 
     def _backward(ctx, grad_rows, _grad_of_grad):
-        (grad,) = ctx.saved_tensors
-        if grad.numel() == 0:
-            raise RuntimeError("pymerge::divergence: backward without a forward gradient (compute_grad=False)")
-        return grad * grad_rows.unsqueeze(-1).to(grad.dtype), None, None, None, None, None, None, None
+        def recompute():
+            with torch.no_grad():
+                return torch.ops.pymerge.divergence(*ctx.saved_tensors, *ctx.pymerge_args, True)[1]
+        return (scale_saved_grad(ctx, grad_rows, recompute),) + (None,) * 7
 
     torch.library.register_autograd("pymerge::divergence", _backward, setup_context=_setup_context)
