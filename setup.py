@@ -36,15 +36,18 @@ def _with_cuda():
 def extension():
     cpp = sorted(glob.glob("csrc/*.cpp"))
     include = [os.path.join(HERE, "csrc", "include")]
-    cxx = ["-O3", f"-march={_march()}", "-std=c++17", "-fvisibility=hidden"]
+    # -fopenmp: ATen's at::parallel_for is an inline `#pragma omp parallel`; without it every kernel runs serially.
+    cxx = ["-O3", f"-march={_march()}", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
+    link = ["-fopenmp"]
     if _with_cuda():
         nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
                 "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
         return CUDAExtension(
             "pymerge._C", cpp + sorted(glob.glob("csrc/*.cu")), include_dirs=include,
             define_macros=[("PYMERGE_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc})
-    return CppExtension("pymerge._C", cpp, include_dirs=include, extra_compile_args={"cxx": cxx})
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
+    return CppExtension("pymerge._C", cpp, include_dirs=include, extra_compile_args={"cxx": cxx},
+                        extra_link_args=link)
 
 
 setup(

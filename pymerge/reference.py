@@ -75,8 +75,8 @@ def low_rank_sum(U, S, V, scale, base=None):
 
 # ------------------------------------------------------------------------------------------ divergences
 def _xlogy_ratio(p, logp, logq):
-    """p * (logp - logq) with the convention 0 * log(0 / x) = 0."""
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
+    """p * (logp - logq) with the convention 0 * log(0 / x) = 0 (NaN stays NaN)."""
+    return torch.where(p != 0, p * (logp - logq), torch.zeros_like(p))
 
 
 def divergence(student, teacher, mask, kind, beta, temperature, teacher_is_logits):
