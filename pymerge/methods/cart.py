@@ -1,0 +1,359 @@
+"""CART: centered task vectors + low-rank approximation (Choi et al. 2024, arXiv 2412.12153; SPEC §CART).
+
+    theta_avg  = (1/T) sum_t theta_t
+    tau_bar_t  = theta_t - theta_avg                     (sum_t tau_bar_t = 0)
+    theta      = theta_avg + lam * sum_t SVD_k(tau_bar_t)  on the keys selected for low rank,
+    theta      = theta_avg                               on every other key (sum_t tau_bar_t = 0 there).
+
+Rank (one of, mutually exclusive):
+- rank_ratio (default 0.08 when neither rank nor energy is given, the paper's "about 8%"; the official 8-task
+  ViT-B/32 config uses 0.12): k = max(1, int(rank_ratio * min(m, n))) as in the official code; 1.0 = full rank.
+- rank = k: the same k for every selected key; must be < min(m, n) of each (k = min(m, n) is plain weight
+  averaging, almost surely a mistake; use rank_ratio=1.0 if it is meant).
+- energy = e in (0, 1]: per task and key, the smallest k_t whose top singular values carry a fraction e of
+  ||tau_bar_t||_F^2 (the official `energy_threshold` mode). svd="exact": from the full spectrum, as the official
+  code. svd="randomized": ||tau_bar_t||_F^2 is computed exactly, the singular values are the randomized
+  estimates for k_try = max(1, int(0.08 min(m, n))) doubled until every task reaches e (a key whose k_try +
+  oversample reaches min(m, n) falls back to the exact SVD). The estimates never exceed the true singular
+  values, and the kept part U_k U_k^T tau_bar_t is an orthogonal projection, so the approximation actually used
+  carries at least the fraction e (the chosen k_t may be larger than the exact one by the estimation error).
+  Tasks of one key may get different k_t; the factors are zero-padded to the largest.
+
+lam default 2.0: the official 8-task ViT-B/32 config (14 tasks: 1.5, 20 tasks: 1.9). Tune it on validation data.
+
+SVD: svd="randomized" (default): pymerge.ops.randomized_svd (Halko-Martinsson-Tropp, l = k + oversample columns,
+power_iters q, seed; defaults oversample = max(10, k // 2), i.e. l = 1.5 k for k >= 20, and q = 2). Large keys go
+through the implicit Centered(thetas, avg) operator (the centered matrices are never materialised); keys small
+enough (T*m*n*4 bytes <= MATERIALIZE_BYTES) are centered explicitly and same-shape keys batched into one
+randomized_svd call. bf16/fp16 keys are centered explicitly in fp32 if pymerge.ops.Centered ever rounds theta_avg
+to the inputs' dtype (that rounding, ~eps*|theta_avg|, is as large as the centered task vectors of real
+fine-tunes; the current Centered keeps fp32).
+Error: HMT 2011 (Thm 10.7/10.8, §9.4) bound the residual, E||A - Q Q^T A||_F <= (1 + k/(p-1))^(1/2)
+(sum_{j>k} sigma_j^2)^(1/2) at q = 0, the excess shrinking like (sigma_{k+1}/sigma_l)^(2q); the residual (kept
+energy) is then near-optimal. How close the rank-k part is to the exact truncation depends on the gap at k:
+with a gap it is ~exact (tests/test_methods_cart.py: <= 1e-3); on gap-less power-law spectra (s_i ~ i^-0.75)
+it is ~3e-2 relative at the defaults, the merged weights ~5e-3 (oversample=k, power_iters=3: 3e-3 at 1.6x the
+time; numbers in the DEFAULT_* comment below and from benchmarks/methods_cart.py).
+svd="exact": torch.linalg.svd of each centered matrix (the official route).
+
+Key selection (low_rank_keys):
+- None (default): every 2-D float key whose name matches none of exclude_keys (default DEFAULT_EXCLUDE_KEYS:
+  embeddings and output heads, which are not "linear maps inside the network").
+- "vit": the official ViT selection: names containing "attn" or "mlp" and neither "ln" nor "bias".
+- a regex (re.search on the key name) or a list of regexes (a key is selected if any matches; each must match
+  at least one eligible key), or a predicate key -> bool. Explicit selections may pick keys of >= 2 dims: conv
+  kernels are treated as [shape[0], prod(shape[1:])] matrices. exclude_keys applies to the default only.
+A selection that matches no eligible key raises ValueError (listing the eligible keys).
+"""
+import re
+from typing import Callable, List
+
+import torch
+
+from ..ops import Centered, center_task_vectors, low_rank_sum, randomized_svd
+from .dare_linear import _check_seed
+from .spec import BACKEND_PARAM, KeyGroup, MethodSpec, Param, key_seed
+from .weight_average import _finite
+
+DEFAULT_RANK_RATIO = 0.08
+# Randomized SVD defaults: l = 1.5 k columns (oversample None = max(10, k // 2)) and 2 power iterations.
+# Measured per task on a 4096 x 4096 centered task vector with a gap-less power-law spectrum (s_i ~ i^-0.75),
+# k = 327, 1 thread (benchmarks/methods_cart.py data), rank-k part vs the exact truncation / time:
+#   oversample 10, q 2: 8.9e-2 / 1.4 s     oversample k/2, q 2 (default): 3.3e-2 / 1.7 s
+#   oversample k, q 3:  3.3e-3 / 2.7 s     oversample k, q 4: 1.1e-3 / 4.1 s      full SVD: 38-46 s
+# All keep the same energy (0.942-0.943): without a gap at k the k directions are not pinned down, so the
+# merged weights differ far less (~5e-3 relative at the default) than the rank-k part itself.
+DEFAULT_OVERSAMPLE = None
+DEFAULT_POWER_ITERS = 2
+# Regexes (re.search) of 2-D keys the default selection leaves at theta_avg: embeddings, LM/classification heads
+# and poolers. Change it per call with exclude_keys=[...].
+DEFAULT_EXCLUDE_KEYS = (r"embed", r"(^|\.)(wte|wpe|shared)(\.|$)", r"lm_head", r"(^|\.)heads?(\.|$)",
+                        r"classifier", r"(^|\.)score(\.|$)", r"pooler")
+PRESETS = {
+    # official CART (src/merging.py): ("attn" in key or "mlp" in key) and not ("ln" in key or "bias" in key)
+    "vit": lambda key: ("attn" in key or "mlp" in key) and not ("ln" in key or "bias" in key),
+}
+# Keys whose T centered fp32 matrices take at most this many bytes are centered explicitly and batched with
+# same-shape keys (one randomized_svd call per batch of at most BATCH_BYTES); larger keys use Centered.
+MATERIALIZE_BYTES = 8 << 20
+BATCH_BYTES = 16 << 20
+
+
+def _check_ratio(name):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0:
+            return f"{name} must be in (0, 1]"
+        return None
+    return check
+
+
+def _check_int(minimum):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            return f"must be an int >= {minimum}"
+        return None
+    return check
+
+
+def _check_selection(v):
+    if v is None or callable(v) or isinstance(v, str):
+        return None
+    if isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v):
+        return None
+    return "must be None, 'vit', a regex, a list of regexes or a predicate key -> bool"
+
+
+def _check_patterns(v):
+    if isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v):
+        return None
+    return "must be a list of regexes"
+
+
+def _compile(pattern, what):
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"cart: {what} pattern {pattern!r} is not a valid regex: {e}") from None
+
+
+def matrix_shape(shape):
+    """[m, n] a key of >= 2 dims is treated as (conv kernels: [out, in * kh * kw])."""
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    return int(shape[0]), n
+
+
+def select_low_rank_keys(keys: dict, low_rank_keys=None, exclude_keys=DEFAULT_EXCLUDE_KEYS) -> List[str]:
+    """Names (in order) of the keys CART approximates in low rank. keys: {name: KeyInfo or Tensor}.
+
+    Raises ValueError when the selection (or one of its patterns) matches no eligible key.
+    """
+    def dims(v):
+        return len(v.shape)
+
+    if low_rank_keys is None:
+        excl = [_compile(p, "exclude_keys") for p in exclude_keys]
+        eligible = [k for k, v in keys.items() if dims(v) == 2]
+        chosen = [k for k in eligible if not any(p.search(k) for p in excl)]
+        if not chosen:
+            raise ValueError(f"cart: the default selection (2-D keys not matching exclude_keys={list(exclude_keys)}) "
+                             f"is empty; 2-D keys: {eligible[:10]}{' ...' if len(eligible) > 10 else ''}")
+        return chosen
+    eligible = [k for k, v in keys.items() if dims(v) >= 2]
+    hint = f"keys with >= 2 dims: {eligible[:10]}{' ...' if len(eligible) > 10 else ''}"
+    if isinstance(low_rank_keys, str) and low_rank_keys in PRESETS:
+        pred: Callable[[str], bool] = PRESETS[low_rank_keys]
+        chosen = [k for k in eligible if pred(k)]
+    elif callable(low_rank_keys):
+        chosen = [k for k in eligible if low_rank_keys(k)]
+    else:
+        patterns = [low_rank_keys] if isinstance(low_rank_keys, str) else list(low_rank_keys)
+        if not patterns:
+            raise ValueError("cart: low_rank_keys is an empty list; pass None for the default selection")
+        compiled = [_compile(p, "low_rank_keys") for p in patterns]
+        for p, c in zip(patterns, compiled):
+            if not any(c.search(k) for k in eligible):
+                raise ValueError(f"cart: low_rank_keys pattern {p!r} matches no key; {hint}")
+        chosen = [k for k in eligible if any(c.search(k) for c in compiled)]
+    if not chosen:
+        raise ValueError(f"cart: low_rank_keys={low_rank_keys!r} matches no key; {hint}")
+    return chosen
+
+
+def prepare(params: dict, keys: dict) -> dict:
+    """Whole-model checks: rank options exclusive, key selection non-empty, rank < min(m, n) per selected key."""
+    given = [name for name in ("rank_ratio", "rank", "energy") if params[name] is not None]
+    if len(given) > 1:
+        raise ValueError(f"cart: rank_ratio, rank and energy are mutually exclusive; got {given}")
+    selected = select_low_rank_keys(keys, params["low_rank_keys"], params["exclude_keys"])
+    if params["rank"] is not None:
+        for k in selected:
+            m, n = matrix_shape(keys[k].shape)
+            if params["rank"] >= min(m, n):
+                raise ValueError(f"cart: rank = {params['rank']} >= min(m, n) = {min(m, n)} for key {k!r} of shape "
+                                 f"{tuple(keys[k].shape)} (rank = min(m, n) is weight averaging; use "
+                                 f"rank_ratio=1.0 if intended)")
+    return {**params, "_selected": frozenset(selected)}
+
+
+# ------------------------------------------------------------------------------------------------ merging
+def _ratio_rank(ratio, m, n):
+    return max(1, int(ratio * min(m, n)))
+
+
+def _energy_ranks(S, total, e):
+    """S [B, k] (descending), total [B] (||A_b||_F^2) -> k_b = smallest j with sum_{i<=j} S_i^2 >= e total_b, or
+    None for batch entries where k columns do not reach it."""
+    cum = S.square().cumsum(-1)
+    reached = cum >= e * total.unsqueeze(-1)
+    ok = reached[:, -1]
+    ranks = reached.to(torch.int8).argmax(-1) + 1
+    return ranks, ok
+
+
+def _mask_ranks(U, S, V, ranks):
+    """Zero S beyond each entry's rank and trim the factors to the largest rank. U [B, m, k], S [B, k], V [B, n, k]."""
+    kmax = int(ranks.max())
+    keep = torch.arange(kmax, device=S.device).unsqueeze(0) < ranks.to(S.device).unsqueeze(-1)
+    return U[..., :kmax], S[..., :kmax] * keep, V[..., :kmax]
+
+
+def _exact_factors(A, k=None, energy=None):
+    """A: [B, m, n] materialised (fp32/fp64). Full thin SVD; truncated to k, or per-entry energy ranks."""
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    V = Vh.mT
+    if energy is None:
+        return U[..., :k], S[..., :k], V[..., :k]
+    total = S.square().sum(-1)
+    ranks, ok = _energy_ranks(S, total, energy)
+    # The full spectrum always reaches e up to rounding (official: cumulative / total >= e on the same S).
+    ranks = torch.where(ok, ranks, torch.full_like(ranks, S.shape[-1]))
+    return _mask_ranks(U, S, V, ranks)
+
+
+def _oversampling(oversample, k):
+    return max(10, k // 2) if oversample is None else oversample
+
+
+def _randomized_factors(A, total_sq, m, n, k, energy, oversample, power_iters, seed, backend, exact_fallback):
+    """Rank-k (or energy) factors of A ([B, m, n] tensor or Centered) via pymerge.ops.randomized_svd.
+    oversample None = max(10, k // 2) (l = 1.5 k columns for k >= 20)."""
+    if energy is None:
+        return randomized_svd(A, k, oversample=_oversampling(oversample, k), power_iters=power_iters, seed=seed,
+                              backend=backend)
+    k_try = _ratio_rank(DEFAULT_RANK_RATIO, m, n)
+    while k_try + _oversampling(oversample, k_try) < min(m, n):
+        U, S, V = randomized_svd(A, k_try, oversample=_oversampling(oversample, k_try), power_iters=power_iters,
+                                 seed=seed, backend=backend)
+        ranks, ok = _energy_ranks(S, total_sq(), energy)
+        if bool(ok.all()):
+            return _mask_ranks(U, S, V, ranks)
+        k_try *= 2
+    return exact_fallback()
+
+
+def _merge_low_rank_keys(keys, bases, models, p, acc):
+    """CART on selected same-shape keys. Returns {key: merged [*S] in acc}."""
+    shape = bases[0].shape
+    m, n = matrix_shape(shape)
+    T = len(models[0])
+    k = None
+    if p["energy"] is None:
+        k = p["rank"] if p["rank"] is not None else _ratio_rank(p["rank_ratio"] or DEFAULT_RANK_RATIO, m, n)
+    out = {}
+    elem = torch.empty(0, dtype=acc).element_size()
+    per_key = T * m * n * elem
+    implicit = p["svd"] == "randomized" and per_key > MATERIALIZE_BYTES
+    if implicit and models[0][0].dtype not in (torch.float32, torch.float64) and not _centered_keeps_avg():
+        # pymerge.ops.Centered rounds theta_avg to the inputs' dtype; for bf16/fp16 that rounding error
+        # (~eps * |theta_avg|) is of the order of the centered task vectors themselves. Center in fp32 instead.
+        implicit = False
+    if not implicit:
+        # Materialised path: exact SVD per key, or same-shape small keys batched into one randomized_svd.
+        per_batch = 1 if p["svd"] == "exact" else max(1, BATCH_BYTES // max(1, per_key))
+        for i in range(0, len(keys), per_batch):
+            names = keys[i:i + per_batch]
+            # One [len(names) * T, m, n] buffer, each key's centered matrices written into its slice.
+            A = torch.empty(len(names) * T, m, n, dtype=acc, device=bases[0].device)
+            avgs = []
+            for j in range(len(names)):
+                avg = torch.empty(m, n, dtype=acc, device=bases[0].device)
+                center_task_vectors([t.reshape(m, n) for t in models[i + j]], backend=p["backend"],
+                                    out=(avg, A[j * T:(j + 1) * T]))
+                avgs.append(avg)
+            if p["svd"] == "exact":
+                U, S, V = _exact_factors(A, k, p["energy"])
+            else:
+                U, S, V = _randomized_factors(
+                    A, lambda: A.square().sum((-2, -1)), m, n, k, p["energy"], p["oversample"], p["power_iters"],
+                    key_seed(p["seed"], "\0".join(names)), p["backend"],
+                    lambda: _exact_factors(A, None, p["energy"]))
+            del A
+            for j, name in enumerate(names):
+                sl = slice(j * T, (j + 1) * T)
+                merged = low_rank_sum(U[sl].contiguous(), S[sl].contiguous(), V[sl].contiguous(), scale=p["lam"],
+                                      base=avgs[j], backend=p["backend"])
+                out[name] = merged.reshape(shape)
+        return out
+    # Implicit path: the T centered matrices of a large key are never materialised.
+    for name, thetas in zip(keys, models):
+        thetas2 = [t.reshape(m, n) for t in thetas]
+        avg = center_task_vectors(thetas2, out_dtype=acc, return_centered=False, backend=p["backend"])[0]
+        C = Centered(thetas2, avg)
+
+        def total_sq():
+            return torch.stack([(t.to(acc) - avg).square().sum() for t in thetas2])
+
+        def exact():
+            cent = center_task_vectors(thetas2, out_dtype=acc, backend=p["backend"])[1]
+            return _exact_factors(cent, None, p["energy"])
+
+        U, S, V = _randomized_factors(C, total_sq, m, n, k, p["energy"], p["oversample"], p["power_iters"],
+                                      key_seed(p["seed"], name), p["backend"], exact)
+        merged = low_rank_sum(U.contiguous(), S.contiguous(), V.contiguous(), scale=p["lam"], base=avg,
+                              backend=p["backend"])
+        out[name] = merged.reshape(shape)
+        del U, S, V, C, avg
+    return out
+
+
+def _centered_keeps_avg() -> bool:
+    """Whether pymerge.ops.Centered keeps an fp32 theta_avg next to bf16 thetas (instead of rounding it)."""
+    probe = Centered([torch.zeros(1, 1, dtype=torch.bfloat16)], torch.full((1, 1), 1 + 2 ** -12))
+    return probe.avg.dtype == torch.float32
+
+
+def merge_group(group: KeyGroup, *, rank_ratio=None, rank=None, energy=None, lam=2.0, svd="randomized",
+                oversample=DEFAULT_OVERSAMPLE, power_iters=DEFAULT_POWER_ITERS, seed=0, low_rank_keys=None,
+                exclude_keys=DEFAULT_EXCLUDE_KEYS, backend="auto", _selected=None) -> List[torch.Tensor]:
+    acc = group.compute_dtype
+    p = dict(rank_ratio=rank_ratio, rank=rank, energy=energy, lam=lam, svd=svd, oversample=oversample,
+             power_iters=power_iters, seed=seed, backend=backend)
+    if _selected is None:       # called outside pymerge.merge: select among this group's keys only
+        _selected = frozenset(select_low_rank_keys({k: b for k, b in zip(group.keys, group.base)}, low_rank_keys,
+                                                   exclude_keys))
+    sel = [i for i, k in enumerate(group.keys) if k in _selected]
+    merged = {}
+    if sel:
+        if rank is not None and rank >= min(matrix_shape(group.shape)):
+            raise ValueError(f"cart: rank = {rank} >= min(m, n) for keys {[group.keys[i] for i in sel]} of shape "
+                             f"{tuple(group.shape)}")
+        merged = _merge_low_rank_keys([group.keys[i] for i in sel], [group.base[i] for i in sel],
+                                      [group.models[i] for i in sel], p, acc)
+    out = []
+    for key, thetas in zip(group.keys, group.models):
+        if key in merged:
+            out.append(merged.pop(key))
+        else:
+            out.append(center_task_vectors(thetas, out_dtype=acc, return_centered=False, backend=backend)[0])
+    return out
+
+
+SPEC = MethodSpec(
+    name="cart",
+    description="CART: theta_avg + lam * sum_t SVD_k(theta_t - theta_avg) on the selected matrices, "
+                "theta_avg elsewhere",
+    merge_group=merge_group,
+    prepare=prepare,
+    params=(
+        Param("rank_ratio", None, f"k = max(1, int(rank_ratio * min(m, n))), in (0, 1]; {DEFAULT_RANK_RATIO} when "
+              "neither rank nor energy is given", check=_check_ratio("rank_ratio")),
+        Param("rank", None, "fixed rank k for every selected key (< min(m, n))", type=int, check=_check_int(1)),
+        Param("energy", None, "per task and key: smallest k keeping this fraction of ||tau_bar_t||_F^2, in (0, 1]",
+              check=_check_ratio("energy")),
+        Param("lam", 2.0, "scaling of the summed low-rank centered task vectors (official 8-task ViT-B/32: 2.0)",
+              check=_finite),
+        Param("svd", "randomized", "randomized (pymerge.ops.randomized_svd) or exact (torch.linalg.svd)", type=str,
+              choices=("randomized", "exact")),
+        Param("oversample", DEFAULT_OVERSAMPLE, "randomized SVD oversampling p (l = k + p columns); "
+              "None = max(10, k // 2)", type=int, check=_check_int(0)),
+        Param("power_iters", DEFAULT_POWER_ITERS, "randomized SVD power iterations q", type=int, check=_check_int(0)),
+        Param("seed", 0, "randomized SVD seed (per key); None = fresh randomness", type=int, check=_check_seed),
+        Param("low_rank_keys", None, "keys approximated in low rank: None (2-D keys minus exclude_keys), 'vit', a "
+              "regex, a list of regexes or a predicate", type=object, check=_check_selection),
+        Param("exclude_keys", DEFAULT_EXCLUDE_KEYS, "regexes of 2-D keys the default selection leaves at theta_avg",
+              type=tuple, check=_check_patterns),
+        BACKEND_PARAM,
+    ),
+)
