@@ -34,28 +34,16 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
+
+from measure import ChildFailed, reset_peak, run_json_child, status_kb
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 DELTA = 0.2   # fine-tune = base + DELTA * std(p) * N(0, 1) on every body parameter
-
-
-def _status_kb(field):
-    return int(re.search(rf"{field}:\s+(\d+)", open("/proc/self/status").read()).group(1))
-
-
-def _reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _model_dir():
@@ -180,12 +168,12 @@ def child(args):
         losses = [step()]                     # warm-up (first-touch allocations, lazy init)
         # Run with a fixed glibc mmap threshold (set by the parent): every tensor >= 128 KiB is its own mapping,
         # returned to the OS when freed, so the resident set follows the live tensors.
-        rss_before = _status_kb("VmRSS")
-        setup_peak = _status_kb("VmHWM")
-        if not _reset_peak():
+        rss_before = status_kb("VmRSS")
+        setup_peak = status_kb("VmHWM")
+        if not reset_peak():
             raise SystemExit("cannot reset VmHWM (/proc/self/clear_refs)")
         losses.append(step())
-        step_hwm = _status_kb("VmHWM")
+        step_hwm = status_kb("VmHWM")
         print(json.dumps(dict(impl=args.impl, rss_before_steps_mb=rss_before / 1024,
                               step_peak_extra_mb=(step_hwm - rss_before) / 1024,
                               run_peak_mb=max(setup_peak, step_hwm) / 1024, losses=losses)))
@@ -210,13 +198,12 @@ def _run_child(impl, args, measure):
     env = dict(os.environ)
     if measure == "memory":
         env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    cmd = [sys.executable, os.path.abspath(__file__), "--impl", impl, "--measure", measure, "--steps",
-           str(args.steps), "--tokens", str(args.tokens), "--tasks", str(args.tasks)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
-        raise SystemExit(f"{impl} ({measure}) failed (exit {proc.returncode})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        return run_json_child(__file__, ["--impl", impl, "--measure", measure, "--steps", args.steps,
+                                         "--tokens", args.tokens, "--tasks", args.tasks], env=env)
+    except ChildFailed as e:
+        sys.stderr.write(e.stderr)
+        raise SystemExit(f"{impl} ({measure}) failed (exit {e.returncode})")
 
 
 def main():

@@ -36,13 +36,14 @@ The last line is the headline ratio.
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
 
 import torch
+
+from measure import reset_peak, status_kb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -155,15 +156,6 @@ def official(base, models, selected):
 
 
 # -------------------------------------------------------------------------------------------- the worker
-def _status_kb(field):
-    return int(re.search(rf"{field}:\s+(\d+)", open("/proc/self/status").read()).group(1))
-
-
-def _reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def worker(job):
     torch.set_num_threads(1)
     case, impl, out_path = job["case"], job["impl"], job["out"]
@@ -171,8 +163,9 @@ def worker(job):
     from pymerge.methods.cart import select_low_rank_keys
     selected = set(select_low_rank_keys(base)) if case == "minilm" else set(SHAPES_7B)
     result = {}
-    rss0 = _status_kb("VmRSS")
-    _reset_peak()
+    rss0 = status_kb("VmRSS")
+    if not reset_peak():
+        raise SystemExit("cannot reset VmHWM (/proc/self/clear_refs)")
     t0 = time.perf_counter()
     if impl == "ours":
         merged = ours(base, models, None if case == "minilm" else list(SHAPES_7B))
@@ -191,8 +184,8 @@ def worker(job):
             merged[f"cent0.{key}"] = cent0
         result["timings"] = timings
         result["time"] = time.perf_counter() - t0
-    result["peak_plus_mb"] = (_status_kb("VmHWM") - rss0) / 1024
-    result["peak_mb"] = _status_kb("VmHWM") / 1024
+    result["peak_plus_mb"] = (status_kb("VmHWM") - rss0) / 1024
+    result["peak_mb"] = status_kb("VmHWM") / 1024
     result["inputs_mb"] = rss0 / 1024
     if impl == "ours" and case == "block" and job.get("per_task_factors"):
         # The rank-k factors cart computes for task 0 of these keys: the same op call, key seed and options.

@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pymerge  # noqa: E402
+from measure import rel_diff  # noqa: E402
 
 T = 8
 ALPHA = {"tsv_m": 1.0, "iso_c": 1.5, "iso_cts": 1.5}
@@ -124,12 +125,6 @@ def timed(fn, repeat):
     return best_cpu, best_wall, out
 
 
-def rel_diff(a, b, base):
-    num = sum(float((a[k].double() - b[k].double()).square().sum()) for k in base)
-    den = sum(float((b[k].double() - base[k].double()).square().sum()) for k in base)
-    return (num / den) ** 0.5
-
-
 def main(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="two MiniLM layers, no big key")
@@ -151,7 +146,7 @@ def main(argv):
         try:
             import fusion_bench  # noqa: F401
         except ImportError:
-            print("fusion_bench not installed (see requirements-peers.txt): pymerge timings only")
+            print("fusion_bench not installed (`make install` installs it): pymerge timings only")
             peer = False
     if peer:
         fusionbench_merge("iso_c", {"w": torch.zeros(2, 2)}, [{"w": torch.ones(2, 2)}], 1.0)   # imports, once

@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pymerge  # noqa: E402
+from measure import rel_diff  # noqa: E402
 
 T, DENSITY, TA_LAM = 8, 0.2, 0.3
 
@@ -101,13 +102,6 @@ def timed(fn, repeat):
     return best, out
 
 
-def rel_diff(a, b, base):
-    keys = [k for k, v in base.items() if v.is_floating_point()]
-    num = sum(float((a[k].double() - b[k].double()).square().sum()) for k in keys)
-    den = sum(float((b[k].double() - base[k].double()).square().sum()) for k in keys)
-    return (num / den) ** 0.5
-
-
 def main(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="MiniLM only")
@@ -126,7 +120,7 @@ def main(argv):
         import fusion_bench.utils.state_dict_arithmetic  # noqa: F401
         peers["FusionBench"] = True
     except ImportError:
-        print("fusion-bench not installed (see requirements-peers.txt): skipped")
+        print("fusion-bench not installed (`make install` installs it): skipped")
     print(f"load average {os.getloadavg()[0]:.1f} at start (shared CPU: absolute times are noisy)", flush=True)
 
     cases = [("MiniLM-L6 fp32", minilm, args.repeat)]

@@ -26,10 +26,10 @@ against the targets (>= 2x faster, <= 25% of the eager composite's peak extra me
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
+
+from measure import ChildFailed, maxrss_kb, reset_peak, run_json_child, status_kb
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -39,23 +39,9 @@ def rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def reset_peak():
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def peak_bytes(hwm):
-    if hwm:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """VmHWM where it could be reset (hwm), else ru_maxrss, in bytes."""
+    return (status_kb("VmHWM") if hwm else maxrss_kb()) * 1024
 
 
 def random_logits(N, V, dtype, seed, torch):
@@ -119,12 +105,11 @@ def child(variant, N, V, dtype_name, reps, clock):
 
 
 def run_variant(variant, N, V, dtype_name, reps, clock):
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, str(N), str(V), dtype_name, str(reps),
-           clock]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if out.returncode != 0:
-        raise RuntimeError(f"{variant} {N}x{V} {dtype_name} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    try:
+        return run_json_child(__file__, ["--child", variant, N, V, dtype_name, reps, clock],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    except ChildFailed as e:
+        raise RuntimeError(f"{variant} {N}x{V} {dtype_name} failed:\n{e.stderr[-3000:]}") from None
 
 
 def main(argv):

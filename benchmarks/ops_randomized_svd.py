@@ -31,13 +31,12 @@ at least as fast as torch.svd_lowrank at equal or lower error. The headline line
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 
 import torch
 
+from measure import ChildFailed, maxrss_kb, peak_rss_kb, reset_peak, run_json_child, status_kb
 from pymerge.ops import Centered, center_task_vectors, randomized_svd
 
 SHAPES = ((768, 768), (3072, 768), (4096, 4096), (14336, 4096))
@@ -156,30 +155,10 @@ def _fmt_row(r):
 
 
 # ------------------------------------------------------------------------------------------ centered batch
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def _reset_peak_rss_kb():
     """Resets the peak-RSS mark (Linux clear_refs 5) and returns the current RSS in KiB. (ru_maxrss cannot serve:
     a child process starts with its parent's high-water mark.)"""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_kb("VmRSS")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _peak_rss_kb():
-    try:
-        return _status_kb("VmHWM")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return status_kb("VmRSS") if reset_peak() else maxrss_kb()
 
 
 def _centered_child(variant, T, m, k, reps):
@@ -213,7 +192,7 @@ def _centered_child(variant, T, m, k, reps):
             del U, S, V    # the previous round's result must not sit in the next round's peak
         t, (U, S, V) = timed(run)
         best = min(best, t)
-    peak = _peak_rss_kb()
+    peak = peak_rss_kb()
     # the attained rank-k error of task 0 relative to ||theta_0 - avg|| (same for every variant up to rounding)
     A0 = thetas[0] - avg
     check = fro(torch.addmm(A0, U[0] * S[0], V[0].T, alpha=-1.0)) / fro(A0)
@@ -228,12 +207,11 @@ def centered_table(T, m, reps, t_svd_4096, clock):
           "   (rel err: ||A_0 - U S V^T|| / ||A_0||, the same result on every route)")
     results = {}
     for variant in ("pymerge_centered", "materialise_pymerge", "svd_lowrank_M"):
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--clock", clock, "--child", variant, str(T),
-                              str(m), str(k), str(reps)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if out.returncode != 0:
-            print(f"{variant}: failed\n{out.stderr[-2000:]}")
-            continue
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        try:
+            results[variant] = run_json_child(__file__, ["--clock", clock, "--child", variant, T, m, k, reps],
+                                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        except ChildFailed as e:
+            print(f"{variant}: failed\n{e.stderr[-2000:]}")
     ref = results.get("pymerge_centered", {}).get("time")
     for variant, r in results.items():
         print(f"{variant:>22} {r['time']:>8.2f} {r['peak_extra_mb']:>14.0f} {r['time'] / ref:>15.2f} "

@@ -21,14 +21,6 @@ pytestmark = pytest.mark.skipif(not extension_loaded(), reason="pymerge._C not b
 SHAPES = [(256, 32000), (64, 152064)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def eager_js(z, t, beta=0.5):
     logq = torch.log_softmax(z.float(), dim=-1)
     logp = torch.log_softmax(t.float(), dim=-1)

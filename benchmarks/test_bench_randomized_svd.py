@@ -16,14 +16,6 @@ SHAPES = [(768, 768), (3072, 768), (4096, 4096)]
 RATIO = 0.08
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 _CACHE = {}
 
 

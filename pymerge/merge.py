@@ -63,10 +63,7 @@ def _plan_groups(keys, infos, T, max_group_bytes):
         buckets.setdefault((tuple(info.shape), info.dtype), []).append(key)
     plans = []
     for (shape, dtype), bucket in buckets.items():
-        numel = 1
-        for s in shape:
-            numel *= s
-        per_key = max(1, (T + 1) * numel * torch.empty(0, dtype=dtype).element_size())
+        per_key = max(1, (T + 1) * _numel(shape) * torch.empty(0, dtype=dtype).element_size())
         per_group = max(1, int(max_group_bytes // per_key))
         for i in range(0, len(bucket), per_group):
             plans.append(bucket[i:i + per_group])

@@ -16,13 +16,10 @@ import pymerge
 from pymerge.methods import cart, get
 from pymerge.ops import center_task_vectors
 
-
-def _kernels_ready():
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"pymerge::{op}", "CPU")
-               for op in ("center_task_vectors", "randomized_svd", "randomized_svd_centered", "low_rank_sum"))
+from backend_lists import method_backends
 
 
-OPS_BACKENDS = ["reference"] + (["auto"] if _kernels_ready() else [])
+OPS_BACKENDS = method_backends("center_task_vectors", "randomized_svd", "randomized_svd_centered", "low_rank_sum")
 
 
 # ------------------------------------------------------------------------------------------------ the oracle

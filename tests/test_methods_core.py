@@ -9,16 +9,13 @@ from pymerge import methods
 from pymerge.merge import _plan_groups
 from pymerge.methods import KeyGroup, KeyInfo
 
+from backend_lists import method_backends
+
 MINE = ("weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "cart")
 
 
-def _kernels_ready():
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"pymerge::{op}", "CPU")
-               for op in ("center_task_vectors", "randomized_svd", "randomized_svd_centered", "low_rank_sum"))
-
-
 # "reference" always; "auto" (the C++ kernels) once they are built.
-OPS_BACKENDS = ["reference"] + (["auto"] if _kernels_ready() else [])
+OPS_BACKENDS = method_backends("center_task_vectors", "randomized_svd", "randomized_svd_centered", "low_rank_sum")
 
 
 def _with_backend(name, backend, **params):

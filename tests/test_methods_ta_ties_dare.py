@@ -9,12 +9,10 @@ from hypothesis import given, settings, strategies as st
 import pymerge
 from pymerge.methods import dare_linear as dare_mod, key_seed, ties as ties_mod
 
-
-def _kernels_ready():
-    return torch._C._dispatch_has_kernel_for_dispatch_key("pymerge::center_task_vectors", "CPU")
+from backend_lists import method_backends
 
 
-OPS_BACKENDS = ["reference"] + (["auto"] if _kernels_ready() else [])
+OPS_BACKENDS = method_backends("center_task_vectors")
 
 
 # ---------------------------------------------------------------------------------------------- the oracles

@@ -28,13 +28,10 @@ from pymerge.methods import cart, iso_c, iso_cts, tsv_m
 from pymerge.methods.iso_cts import common_split, polar_with_orthonormal_block
 from pymerge.methods.tsv_m import polar_factor
 
-
-def _kernels_ready():
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"pymerge::{op}", "CPU")
-               for op in ("randomized_svd", "randomized_svd_centered", "low_rank_sum"))
+from backend_lists import method_backends
 
 
-OPS_BACKENDS = ["reference"] + (["auto"] if _kernels_ready() else [])
+OPS_BACKENDS = method_backends("randomized_svd", "randomized_svd_centered", "low_rank_sum")
 METHODS = ("tsv_m", "iso_c", "iso_cts")
 F64 = torch.float64
 

@@ -19,14 +19,12 @@ from hypothesis import strategies as st
 
 from pymerge import reference
 from pymerge.ops import center_task_vectors
-from pymerge.ops.backend import cuda_kernels_built, extension_loaded, triton_available, triton_interpreted
+from pymerge.ops.backend import cuda_kernels_built, extension_loaded, triton_available
 
-BACKENDS = ["reference"]
-if extension_loaded():
-    BACKENDS.append("cpu")
-if triton_available() and triton_interpreted():
-    BACKENDS.append("triton")
-KERNELS = [b for b in BACKENDS if b != "reference"]
+from backend_lists import kernel_backends, op_backends
+
+BACKENDS = op_backends()
+KERNELS = kernel_backends(BACKENDS)
 FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 OUT_ROUNDING = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24,
                 torch.float64: 2.0 ** -53}

@@ -23,14 +23,11 @@ from hypothesis import strategies as st
 
 from pymerge import reference
 from pymerge.ops import entropy, js_divergence, kl_divergence
-from pymerge.ops.backend import extension_loaded, triton_available, triton_interpreted
 
-BACKENDS = ["reference"]
-if extension_loaded():
-    BACKENDS.append("cpu")
-if triton_available() and triton_interpreted():
-    BACKENDS.append("triton")
-KERNELS = [b for b in BACKENDS if b != "reference"]
+from backend_lists import kernel_backends, op_backends
+
+BACKENDS = op_backends()
+KERNELS = kernel_backends(BACKENDS)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 JS, KL, ENT = reference.JS, reference.KL, reference.ENTROPY
 

@@ -15,14 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pymerge.ops import Centered, low_rank_sum, randomized_svd
-from pymerge.ops.backend import extension_loaded, triton_available, triton_interpreted
+from pymerge.ops.backend import extension_loaded
 
-BACKENDS = ["reference"]
-if extension_loaded():
-    BACKENDS.append("cpu")
-if triton_available() and triton_interpreted():
-    BACKENDS.append("triton")
-KERNELS = [b for b in BACKENDS if b != "reference"]
+from backend_lists import kernel_backends, op_backends
+
+BACKENDS = op_backends()
+KERNELS = kernel_backends(BACKENDS)
 LOW = (torch.bfloat16, torch.float16)
 ALL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 

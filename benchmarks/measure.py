@@ -1,0 +1,77 @@
+"""Measuring helpers shared by the benchmark scripts: peak resident memory, fresh-subprocess runs, differences.
+
+The scripts run as `python benchmarks/X.py`, which puts benchmarks/ first on sys.path, so they import this
+module as a sibling (`from measure import ...`). No torch import here: some scripts keep torch out of the
+parent process that only starts the measuring children.
+
+Peak memory: torch's allocations are invisible to tracemalloc, so the scripts read the kernel's own counters.
+VmHWM (the peak resident set) is reset to the current resident set by writing 5 to /proc/self/clear_refs, so
+"peak during a call minus resident set before it" is the memory the call itself needed. ru_maxrss cannot be
+reset (and a child starts with its parent's mark): it is only the fallback where clear_refs is refused.
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+
+
+def status_kb(field):
+    """The value of a /proc/self/status field in KiB, e.g. "VmRSS" (resident now) or "VmHWM" (peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak():
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def maxrss_kb():
+    """ru_maxrss of this process in KiB (Linux): the peak since the process started, never reset."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_rss_kb():
+    """VmHWM in KiB, or ru_maxrss where /proc/self/status cannot be read."""
+    try:
+        return status_kb("VmHWM")
+    except OSError:
+        return maxrss_kb()
+
+
+class ChildFailed(RuntimeError):
+    """A measuring subprocess exited non-zero; returncode, stdout and stderr say how."""
+
+    def __init__(self, proc):
+        super().__init__(f"exit {proc.returncode}")
+        self.returncode, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
+
+
+def run_json_child(script, args, env=None):
+    """Run `python script *args` in a fresh process (its own allocator state and peak-memory mark) and return
+    the JSON object it printed as the last line of stdout. env: the child's whole environment (None: ours).
+    Raises ChildFailed on a non-zero exit."""
+    proc = subprocess.run([sys.executable, os.path.abspath(script), *map(str, args)], capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        raise ChildFailed(proc)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def rel_diff(a, b, base):
+    """||a - b||_F / ||b - base||_F over the floating-point keys of the state dict `base`, in float64: the
+    difference between two merged state dicts relative to the merged task vector (not flattered by
+    ||theta_0||)."""
+    keys = [k for k, v in base.items() if v.is_floating_point()]
+    num = sum(float((a[k].double() - b[k].double()).square().sum()) for k in keys)
+    den = sum(float((b[k].double() - base[k].double()).square().sum()) for k in keys)
+    return (num / den) ** 0.5
