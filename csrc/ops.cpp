@@ -22,7 +22,7 @@ TORCH_LIBRARY(pymerge, m) {
 
   // Row-wise divergence between distributions over the last dim of student [N, V] and teacher [N, V].
   // kind: 0 = generalised Jensen-Shannon (beta), 1 = KL(teacher || student), 2 = entropy(student).
-  // Returns per-row loss [N] (float32, 0 on masked rows) and, if compute_grad, d loss[n] / d student[n]
+  // Returns per-row loss [N] (float32, float64 for float64 student; 0 on masked rows) and, if compute_grad, d loss[n] / d student[n]
   // [N, V] in student's dtype (empty otherwise).
   m.def("divergence(Tensor student, Tensor teacher, Tensor? mask, int kind, float beta, float temperature, "
         "bool teacher_is_logits, bool compute_grad) -> (Tensor, Tensor)");
