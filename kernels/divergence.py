@@ -26,6 +26,23 @@ JS, KL, ENTROPY = 0, 1, 2
 
 
 @triton.jit
+def _log_probs(row_ptr, cols, inside, inv, lse, ACC64: tl.constexpr, LOGITS: tl.constexpr):
+    """Log-probabilities of one chunk of a row: x / T - lse for logits, the stored values for log-probs."""
+    x = tl.load(row_ptr + cols, mask=inside, other=float("-inf")).to(tl.float64 if ACC64 else tl.float32)
+    if LOGITS:
+        x = x * inv - lse
+    return x
+
+
+@triton.jit
+def _js_student_term(q, logq, p, beta_a, omb):
+    """JS mixture m = beta p + (1 - beta) q, its log, and the student's term (1 - beta) q log(q / m) (0 where q m = 0)."""
+    m = beta_a * p + omb * q
+    logm = tl.log(m)
+    return tl.where(q * m == 0, 0.0, omb * q * (logq - logm)), m, logm
+
+
+@triton.jit
 def _divergence_kernel(S, T, MASK, ROWS, G, PARAMS, V, s_stride, t_stride,
                        KIND: tl.constexpr, TLOGITS: tl.constexpr, HAS_MASK: tl.constexpr, GRAD: tl.constexpr,
                        ACC64: tl.constexpr, BLOCK: tl.constexpr):
@@ -73,21 +90,15 @@ def _divergence_kernel(S, T, MASK, ROWS, G, PARAMS, V, s_stride, t_stride,
         for off in range(0, V, BLOCK):
             cols = off + cols0
             inside = cols < V
-            logq = tl.load(s_row + cols, mask=inside, other=float("-inf")).to(acc) * inv - lse_s
+            logq = _log_probs(s_row, cols, inside, inv, lse_s, ACC64, True)
             q = tl.exp(logq)
             if KIND == 2:
                 vloss += tl.where(q == 0, 0.0, -(q * logq))
             else:
-                tv = tl.load(t_row + cols, mask=inside, other=float("-inf")).to(acc)
-                if TLOGITS:
-                    logp = tv * inv - lse_t
-                else:
-                    logp = tv
+                logp = _log_probs(t_row, cols, inside, inv, lse_t, ACC64, TLOGITS)
                 p = tl.exp(logp)
                 if KIND == 0:
-                    m = beta_a * p + omb * q
-                    logm = tl.log(m)
-                    qg = tl.where(q * m == 0, 0.0, omb * q * (logq - logm))
+                    qg, m, logm = _js_student_term(q, logq, p, beta_a, omb)
                     vloss += tl.where(p * m == 0, 0.0, beta_a * p * (logp - logm)) + qg
                     vsum += qg
                 else:
@@ -105,20 +116,15 @@ def _divergence_kernel(S, T, MASK, ROWS, G, PARAMS, V, s_stride, t_stride,
             for off in range(0, V, BLOCK):
                 cols = off + cols0
                 inside = cols < V
-                logq = tl.load(s_row + cols, mask=inside, other=float("-inf")).to(acc) * inv - lse_s
+                logq = _log_probs(s_row, cols, inside, inv, lse_s, ACC64, True)
                 q = tl.exp(logq)
                 if KIND == 2:
                     d = tl.where(q == 0, 0.0, -(q * (logq + rs))) * inv
                 else:
-                    tv = tl.load(t_row + cols, mask=inside, other=float("-inf")).to(acc)
-                    if TLOGITS:
-                        logp = tv * inv - lse_t
-                    else:
-                        logp = tv
+                    logp = _log_probs(t_row, cols, inside, inv, lse_t, ACC64, TLOGITS)
                     p = tl.exp(logp)
                     if KIND == 0:
-                        m = beta_a * p + omb * q
-                        qg = tl.where(q * m == 0, 0.0, omb * q * (logq - tl.log(m)))
+                        qg, _, _ = _js_student_term(q, logq, p, beta_a, omb)
                         d = (qg - q * rs) * inv
                     else:
                         d = (q * rs - p) * inv
