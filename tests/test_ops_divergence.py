@@ -72,7 +72,8 @@ def assert_close_loss(got, want, rtol=1e-5, atol=1e-6):
 def term_scale(kind, student, teacher, temperature=1.0, teacher_is_logits=True, beta=0.5, row_factor=None):
     """Per row, the size of the terms dL/dz_j is the difference of (float64), times the row's upstream factor:
     KL (q_j sum p - p_j) / T: max(p_j, q_j) / T; entropy -q_j (log q_j + H) / T: q_j (|log q_j| + H) / T;
-    JS q_j (g_j - S) / T: q_j (|g_j| + |S|) / T with g_j = (1 - beta) log(q_j / m_j), S = sum_i q_i g_i."""
+    JS q_j (g_j - S) / T: q_j ((1 - beta) (|log q_j| + |log m_j|) + |S|) / T, S = sum_i q_i g_i: g_j =
+    (1 - beta) (log q_j - log m_j) is a difference of two logs, so its fp32 error scales with their size, not g's."""
     V = student.shape[-1]
     logq = torch.log_softmax(student.double().reshape(-1, V) / temperature, -1)
     q = logq.exp()
@@ -86,9 +87,10 @@ def term_scale(kind, student, teacher, temperature=1.0, teacher_is_logits=True, 
         if kind == KL:
             terms = torch.maximum(p, q)
         else:
-            g = (1 - beta) * (logq - torch.log(beta * p + (1 - beta) * q))
-            qg = (q * g).nan_to_num(0.0)
-            terms = qg.abs() + q * qg.sum(-1, keepdim=True).abs()
+            logm = torch.log(beta * p + (1 - beta) * q)
+            qg = (q * (1 - beta) * (logq - logm)).nan_to_num(0.0)
+            logs = (logq.abs() + logm.abs()).nan_to_num(0.0, posinf=0.0)
+            terms = (1 - beta) * q * logs + q * qg.sum(-1, keepdim=True).abs()
     rows = terms.nan_to_num(0.0).amax(-1) / temperature if V else torch.zeros(terms.shape[0], dtype=torch.float64)
     if row_factor is not None:
         rows = rows * row_factor.reshape(-1).abs()
