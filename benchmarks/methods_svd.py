@@ -219,7 +219,8 @@ def main(argv):
           f"{'| exact SVDs s':>14s} {'speed-up':>9s} {'rel diff':>9s} {'| polar SVDs s':>15s} {'bound':>7s}")
     for title, method, t_fb, t_pm, t_ex, d_pm, d_ex, _, _, floor in rows:
         print(f"{title:22s} {method:8s} {t_fb:13.3f} {t_pm:10.3f} {t_fb / t_pm:8.1f}x {d_pm:9.1e} "
-              f"| {t_ex:12.3f} {t_fb / t_ex:8.1f}x {d_ex:9.1e} | {floor:13.3f} {t_fb / floor:6.1f}x")
+              f"| {t_ex:12.3f} {t_fb / t_ex:8.1f}x {d_ex:9.1e} | "
+              + (f"{floor:13.3f} {t_fb / floor:6.1f}x" if floor == floor else f"{'-':>13s} {'-':>7s}"))
     if peer:
         parts = []
         for method in ("tsv_m", "iso_c", "iso_cts"):
