@@ -58,6 +58,7 @@ demo: build
 
 bench: build
 	$(PY) benchmarks/ops.py
+	$(PY) benchmarks/methods.py
 
 clean:
 	rm -rf build .make pymerge/*.so *.egg-info
