@@ -33,7 +33,9 @@ Cheapest route, and why it is correct:
   is no shortcut for float32 data). polar="gram" tries the Gram route first and falls back to the SVD
   when eps cond(X)^2 > GRAM_MAX_ERROR (worth it only for nearly orthogonal task subspaces). Both
   implementations thus spend two SVDs of ~r x r per key here, which caps the speed-up over the official
-  route at (T + 2) / 2 = 5x for T = 8 even with free per-task SVDs.
+  route at (T + 2) / 2 = 5x for T = 8 even with free per-task SVDs. An SVD-free scaled Newton iteration
+  (one inverse per step) needs 6-8 steps to float32 accuracy on these factors, slower than the SVD on a CPU
+  (benchmarks/polar.py measures every route).
 - Reconstruction: one GEMM with inner dimension T d, fused with theta_0 + alpha * (...) through
   pymerge.ops.low_rank_sum.
 Deliberate deviation (pinned in tests/test_methods_peers_fusionbench.py): components whose singular value
