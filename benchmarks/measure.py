@@ -67,6 +67,30 @@ def run_json_child(script, args, env=None):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_scripts(scripts, flags):
+    """Run each benchmark script (a sibling of this file) with `flags` in its own process, echoing its output,
+    then repeat every script's "headline" lines. Returns the exit status: 1 if any script failed."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    failed, headlines = [], []
+    for script in scripts:
+        print(f"\n=== {script} {' '.join(flags)} ===", flush=True)
+        proc = subprocess.Popen([sys.executable, os.path.join(here, script), *flags], stdout=subprocess.PIPE,
+                                text=True, bufsize=1)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            if line.startswith("headline"):
+                headlines.append(f"{script}: {line[len('headline'):].lstrip(': ').strip()}")
+        if proc.wait() != 0:
+            failed.append(script)
+    print("\n=== headlines ===")
+    for line in headlines:
+        print(line)
+    if failed:
+        print(f"failed: {failed}")
+        return 1
+    return 0
+
+
 def rel_diff(a, b, base):
     """||a - b||_F / ||b - base||_F over the floating-point keys of the state dict `base`, in float64: the
     difference between two merged state dicts relative to the merged task vector (not flattered by

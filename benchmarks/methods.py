@@ -9,11 +9,10 @@ Default run: ~15 minutes on the development machine; --quick: ~3; --full: over a
 the 7B block, 4096 x 4096 keys for the SVD methods).
 """
 import argparse
-import os
-import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from measure import run_scripts
+
 SCRIPTS = ("methods_cart.py", "methods_ties_ta.py", "methods_svd.py")
 
 
@@ -23,25 +22,7 @@ def main(argv):
     size.add_argument("--quick", action="store_true", help="smallest cases of every script")
     size.add_argument("--full", action="store_true", help="largest cases of every script")
     args = ap.parse_args(argv)
-    flags = ["--quick"] if args.quick else ["--full"] if args.full else []
-    failed, headlines = [], []
-    for script in SCRIPTS:
-        print(f"\n=== {script} {' '.join(flags)} ===", flush=True)
-        proc = subprocess.Popen([sys.executable, os.path.join(HERE, script), *flags], stdout=subprocess.PIPE,
-                                text=True, bufsize=1)
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            if line.startswith("headline:"):
-                headlines.append(f"{script}: {line[len('headline:'):].strip()}")
-        if proc.wait() != 0:
-            failed.append(script)
-    print("\n=== headlines ===")
-    for line in headlines:
-        print(line)
-    if failed:
-        print(f"failed: {failed}")
-        return 1
-    return 0
+    return run_scripts(SCRIPTS, ["--quick"] if args.quick else ["--full"] if args.full else [])
 
 
 if __name__ == "__main__":
