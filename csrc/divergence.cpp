@@ -543,6 +543,17 @@ std::tuple<at::Tensor, at::Tensor> check_inputs(const at::Tensor& student, const
   return {unit(student), kind == kEntropy ? teacher : unit(teacher)};
 }
 
+// The outputs of one call, for every device: per-row values (fp32; fp64 for fp64 inputs) and the gradient w.r.t.
+// the student in its dtype ([0] when not asked for). Refuses an empty vocabulary when there are rows.
+std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& student, bool compute_grad) {
+  const int64_t N = student.size(0), V = student.size(1);
+  const bool f64 = student.scalar_type() == at::kDouble;
+  at::Tensor rows = at::empty({N}, student.options().dtype(f64 ? at::kDouble : at::kFloat));
+  at::Tensor grad = at::empty(compute_grad ? at::IntArrayRef{N, V} : at::IntArrayRef{0}, student.options());
+  TORCH_CHECK(N == 0 || V > 0, "divergence: empty vocabulary dim");
+  return {rows, grad};
+}
+
 std::tuple<at::Tensor, at::Tensor> divergence_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in,
                                                   const std::optional<at::Tensor>& mask_in, int64_t kind,
                                                   double beta, double temperature, bool teacher_is_logits,
@@ -551,10 +562,8 @@ std::tuple<at::Tensor, at::Tensor> divergence_cpu(const at::Tensor& student_in, 
   TORCH_CHECK(student.device().is_cpu(), "divergence: the CPU kernel got a ", student.device(), " tensor");
   const int64_t N = student.size(0), V = student.size(1);
   const bool f64 = student.scalar_type() == at::kDouble;
-  at::Tensor rows = at::empty({N}, student.options().dtype(f64 ? at::kDouble : at::kFloat));
-  at::Tensor grad = at::empty(compute_grad ? at::IntArrayRef{N, V} : at::IntArrayRef{0}, student.options());
+  auto [rows, grad] = allocate_outputs(student, compute_grad);
   if (N == 0) return {rows, grad};
-  TORCH_CHECK(V > 0, "divergence: empty vocabulary dim");
   at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
 
   Args a{};
@@ -624,11 +633,8 @@ std::tuple<at::Tensor, at::Tensor> divergence_cuda(const at::Tensor& student_in,
   auto [student, teacher] = check_inputs(student_in, teacher_in, mask_in, kind, beta, temperature);
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t N = student.size(0), V = student.size(1);
-  const bool f64 = student.scalar_type() == at::kDouble;
-  at::Tensor rows = at::empty({N}, student.options().dtype(f64 ? at::kDouble : at::kFloat));
-  at::Tensor grad = at::empty(compute_grad ? at::IntArrayRef{N, V} : at::IntArrayRef{0}, student.options());
+  auto [rows, grad] = allocate_outputs(student, compute_grad);
   if (N == 0) return {rows, grad};
-  TORCH_CHECK(V > 0, "divergence: empty vocabulary dim");
   at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   const bool ent = kind == kEntropy;
   const int err = pymerge_divergence_cuda(
