@@ -2,7 +2,7 @@
 PY ?= python3
 TORCH_VERSION ?= 2.13.0
 PIP = $(PY) -m pip install --disable-pip-version-check -q
-SRC = $(wildcard csrc/*.cpp csrc/*.cu csrc/include/pymerge/*.h)
+SRC = $(wildcard csrc/*.cpp csrc/*.cu csrc/pymerge/*.h)
 NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 
@@ -46,10 +46,10 @@ test: build
 cuda-check:
 	@set -e; for f in csrc/*.cu; do for a in $(CUDA_ARCHS); do \
 	  echo "nvcc sm_$$a $$f"; \
-	  $(NVCC) -std=c++17 -O3 -Icsrc/include -arch=sm_$$a --expt-relaxed-constexpr -Werror all-warnings \
+	  $(NVCC) -std=c++17 -O3 -Icsrc -arch=sm_$$a --expt-relaxed-constexpr -Werror all-warnings \
 	    -Xptxas -warn-spills,-warn-lmem-usage,-Werror --resource-usage -c $$f -o /dev/null 2>&1 \
 	    | grep -E "Function properties|Used|spill|error|warning" || true; \
-	  $(NVCC) -std=c++17 -O3 -Icsrc/include -arch=sm_$$a --expt-relaxed-constexpr -Werror all-warnings \
+	  $(NVCC) -std=c++17 -O3 -Icsrc -arch=sm_$$a --expt-relaxed-constexpr -Werror all-warnings \
 	    -Xptxas -warn-spills,-warn-lmem-usage,-Werror -c $$f -o /dev/null; \
 	done; done
 

@@ -35,7 +35,7 @@ def _with_cuda():
 
 def extension():
     cpp = sorted(glob.glob("csrc/*.cpp"))
-    include = [os.path.join(HERE, "csrc", "include")]
+    include = [os.path.join(HERE, "csrc")]
     # -fopenmp: ATen's at::parallel_for is an inline `#pragma omp parallel`; without it every kernel runs serially.
     cxx = ["-O3", f"-march={_march()}", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
     link = ["-fopenmp"]

@@ -6,7 +6,7 @@
 // One pass: the flat element range is split into ranges processed in parallel (at::parallel_for); within a
 // range, blocks of two cache lines per input are accumulated in fp32 registers (fp64 for fp64 inputs), then
 // centered[t] re-reads input t's block from L1, so every input element is read from memory once and every
-// output element written once (csrc/include/pymerge/center_cpu.h). Outputs larger than half the last-level
+// output element written once (csrc/pymerge/center_cpu.h). Outputs larger than half the last-level
 // cache are written with streaming stores (measured at T = 8, 16M fp32: 1.6x faster than cached stores).
 //
 // Inputs are a list of T tensors, never stacked. A non-contiguous input is made contiguous on its own (one

@@ -1,6 +1,6 @@
 // pymerge::divergence on CPU (AVX2 baseline, AVX-512 chosen at run time) and, when built with CUDA, the glue
 // to the raw CUDA kernel in csrc/divergence.cu. Schema and semantics: csrc/ops.cpp, pymerge/reference.py;
-// per-element math: csrc/include/pymerge/divergence.h (shared with CUDA).
+// per-element math: csrc/pymerge/divergence.h (shared with CUDA).
 //
 // Rows are independent (at::parallel_for over rows). One row is swept over the vocabulary in chunks of kChunk
 // elements, in up to three passes, so no intermediate larger than one chunk per thread ever exists:

@@ -1,6 +1,6 @@
 // pymerge::divergence on CUDA: raw kernels and a C-ABI launcher, no torch headers (the glue that turns tensors
 // into pointers is in csrc/divergence.cpp under PYMERGE_WITH_CUDA). Every loss term and gradient comes from
-// csrc/include/pymerge/divergence.h, the math the CPU kernel and its tests use.
+// csrc/pymerge/divergence.h, the math the CPU kernel and its tests use.
 //
 // One block per row, chunked over the vocabulary by the block's threads (consecutive threads read consecutive
 // elements: coalesced), in the CPU kernel's three passes:

@@ -8,7 +8,7 @@ student), 0 on masked rows, differentiable w.r.t. student through _DivergenceFun
 style: the gradient is computed in the forward's sweep and only scaled in backward).
 
 One program per row loops over the vocabulary in BLOCK-wide chunks, in the passes of the C++ / CUDA kernels
-(csrc/divergence.cpp, csrc/divergence.cu; math in csrc/include/pymerge/divergence.h, restated here):
+(csrc/divergence.cpp, csrc/divergence.cu; math in csrc/pymerge/divergence.h, restated here):
   1. online log-sum-exp of student (and of teacher logits);
   2. loss terms and the gradient's row sum S (JS: sum q g, KL: sum p, entropy: H);
   3. only when a gradient is wanted: dL/dz_j = (1/T) q_j (g_j - sum_i q_i g_i), i.e.

@@ -29,7 +29,7 @@
 
 #include <math.h>
 
-#include "pymerge/hd.h"
+#include "hd.h"
 
 namespace pymerge {
 namespace divergence {

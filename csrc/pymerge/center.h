@@ -9,7 +9,7 @@
 
 #include <cmath>
 
-#include "pymerge/hd.h"
+#include "hd.h"
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>

@@ -9,8 +9,8 @@
 #pragma once
 #include <stdint.h>
 
-#include "pymerge/center.h"  // storage conversions (fp16 / bf16 bits <-> fp32), shared with center_task_vectors
-#include "pymerge/hd.h"
+#include "center.h"  // storage conversions (fp16 / bf16 bits <-> fp32), shared with center_task_vectors
+#include "hd.h"
 
 namespace pymerge {
 namespace rsvd {
