@@ -22,9 +22,9 @@
 #include <unistd.h>
 
 #include <cstdlib>
-#include <cstring>
 #include <vector>
 
+#include "pymerge/cpu_isa.h"
 #include "pymerge/center.h"
 
 namespace pymerge {
@@ -174,15 +174,6 @@ struct Vec {
 }  // namespace f64
 
 // ------------------------------------------------------------------------------------------ dispatch
-bool use_avx512() {
-  // PYMERGE_CPU_ISA=avx2 forces the baseline path (tests run both; also a way out on a misbehaving CPU).
-  const char* isa = std::getenv("PYMERGE_CPU_ISA");
-  if (isa != nullptr && std::strcmp(isa, "avx2") == 0) return false;
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return has;
-}
-
 // Outputs larger than this bypass the caches (streaming stores): they cannot stay cached anyway, and skipping
 // the read-for-ownership of every output line saves a third of the memory traffic. Smaller outputs are left in
 // cache for the caller (the next op usually reads them at once).

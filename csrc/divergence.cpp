@@ -36,6 +36,7 @@
 // with AVX-512" warning; no such value ever crosses a real call boundary. (Vector parameters are passed by
 // const reference for the same reason: GCC's note about their alignment cannot be silenced by this pragma.)
 #pragma GCC diagnostic ignored "-Wpsabi"
+#include "pymerge/cpu_isa.h"
 #include "pymerge/divergence.h"
 
 namespace pymerge {
@@ -498,15 +499,6 @@ void rows_f32_avx2(const Args& a, int64_t begin, int64_t end) { rows_f32_dispatc
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void rows_f32_avx512(const Args& a, int64_t begin,
                                                                                   int64_t end) {
   rows_f32_dispatch<vf16>(a, begin, end);
-}
-
-bool use_avx512() {
-  // PYMERGE_CPU_ISA=avx2 forces the baseline path (tests run both; also a way out on a misbehaving CPU).
-  const char* isa = std::getenv("PYMERGE_CPU_ISA");
-  if (isa != nullptr && std::strcmp(isa, "avx2") == 0) return false;
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return has;
 }
 
 // ------------------------------------------------------------------------------------ op
