@@ -97,19 +97,22 @@ def term_scale(kind, student, teacher, temperature=1.0, teacher_is_logits=True, 
     return float(rows.max()) if rows.numel() else 0.0
 
 
-def assert_close_grad(got, want, dtype, scale=0.0):
+def assert_close_grad(got, want, dtype, scale=0.0, floor=0.0):
+    """floor: the absolute noise allowed in fp32-computed entries whose exact value is 0 or tiny (see
+    check_against_oracle); fp64 keeps 1e-20."""
     assert got.dtype == dtype and got.shape == want.shape
     got, want = got.double(), want.double()
     scale = max(scale, float(want.abs().max()) if want.numel() else 0.0)
     err = (got - want).abs()
     # absolute floors: a gradient that is exactly 0 (V = 1) comes out as rounding noise of the log-sum-exp
+    floor = max(floor, 1e-12)
     if dtype == torch.float64:
         ok = err <= 1e-10 * scale + 1e-20
     elif dtype == torch.float32:
-        ok = err <= 1e-5 * scale + 1e-12
+        ok = err <= 1e-5 * scale + floor
     else:
         rel = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -9
-        ok = err <= rel * want.abs() + 1e-5 * scale + 1e-12
+        ok = err <= rel * want.abs() + 1e-5 * scale + floor
     assert bool(ok.all()), f"{dtype} gradient error {float(err.max()):.3g} (scale {scale:.3g})"
 
 
@@ -153,7 +156,11 @@ def check_against_oracle(backend, kind, lead, V, s_dtype, t_dtype, beta, tempera
     else:
         factor = torch.full((n_rows,), 1.0 / max(1, int(mask.sum()) if mask is not None else n_rows))
     scale = term_scale(kind, student, teacher, temperature, teacher_is_logits, beta, factor)
-    assert_close_grad(got_grad, want_grad, s_dtype, scale)
+    # fp32 kernels: log q_j and log m_j of probabilities near 1 are off by ~1 ulp (2^-24..2^-23), so a gradient
+    # entry whose exact value is 0 (V = 1: q = p = m = 1) may come out as (1 - beta) * ulp * factor / T.
+    # Hypothesis found 6.5e-9 (bf16 student, V = 1, T = 2.3, beta = 0.625, mean over 3 rows); 4 ulp allowed.
+    floor = 2.0 ** -21 * (float(factor.abs().max()) if factor.numel() else 0.0) / temperature
+    assert_close_grad(got_grad, want_grad, s_dtype, scale, floor)
 
 
 lead_shapes = st.sampled_from([(1,), (3,), (5,), (2, 3), (0,), (2, 0, 3), (1, 1, 2)])
