@@ -11,34 +11,14 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from eager_divergence import eager_entropy, eager_js, eager_kl
 from pymerge.ops import entropy, js_divergence, kl_divergence
 from pymerge.ops.backend import extension_loaded
 
 pytestmark = pytest.mark.skipif(not extension_loaded(), reason="pymerge._C not built")
 
 SHAPES = [(256, 32000), (64, 152064)]
-
-
-def eager_js(z, t, beta=0.5):
-    logq = torch.log_softmax(z.float(), dim=-1)
-    logp = torch.log_softmax(t.float(), dim=-1)
-    logm = torch.lerp(logq.exp(), logp.exp(), beta).log()
-    rows = beta * F.kl_div(logm, logp, reduction="none", log_target=True).sum(-1) \
-        + (1 - beta) * F.kl_div(logm, logq, reduction="none", log_target=True).sum(-1)
-    return rows.mean()
-
-
-def eager_kl(z, t):
-    logq = torch.log_softmax(z.float(), dim=-1)
-    logp = torch.log_softmax(t.float(), dim=-1)
-    return F.kl_div(logq, logp, reduction="none", log_target=True).sum(-1).mean()
-
-
-def eager_entropy(z, _t):
-    logq = torch.log_softmax(z.float(), dim=-1)
-    return -(logq.exp() * logq).sum(-1).mean()
 
 
 FNS = {
