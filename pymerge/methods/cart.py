@@ -75,9 +75,9 @@ PRESETS = {
 }
 # Keys whose T centered fp32 matrices take at most this many bytes are centered explicitly and batched with
 # same-shape keys (one randomized_svd call per batch of at most BATCH_BYTES); larger keys use Centered.
-# Measured on MiniLM-L6 (benchmarks/methods_cart.py, 1 thread, 32 MB L3): the 8 x 1536 x 384 keys (19 MB) take
-# 12% less time materialised than implicit (2q + 2 = 6 passes over an L3-resident buffer instead of forming
-# the centered blocks on every pass); batches beyond ~L3 size were slower (0.82 s at 64 MB vs 0.66 s at 16 MB).
+# 32 MB: MiniLM-L6's 8 x 1536 x 384 keys (19 MB) are then materialised, and their 2q + 2 = 6 passes read an
+# L3-resident buffer instead of forming the centered blocks on every pass (benchmarks/methods_cart.py --quick,
+# 1 thread, 32 MB L3: 11.0x the official merge at 32 MB, 10.3x at the former 8 MB).
 MATERIALIZE_BYTES = 32 << 20
 BATCH_BYTES = 16 << 20
 
