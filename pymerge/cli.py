@@ -10,15 +10,20 @@ pymerge.methods).
 
 Models are Hugging Face directories, read locally only (HF_HUB_OFFLINE=1, local_files_only): the base with
 the fine-tuned models' class (AutoModelForSequenceClassification or AutoModelForCausalLM) and the tokenizer
-of the base (else of the first model). Data: JSONL, one {"text": ...} object per line (other fields such as
-"label" are ignored: both methods use unlabelled inputs). The output directory appears complete or not at
-all: everything is written into a temporary sibling directory that is then renamed. It holds the merged model
-(save_pretrained + tokenizer) and <method>.json (the learned Γ per task and group, the loss curve, the
-options); for classification with task-specific heads, one complete model per task in OUT/<NAME>/.
+of the base (else of the first model). Data: UTF-8 JSONL (a leading byte order mark is allowed), one
+{"text": ...} object per line (other fields such as "label" are ignored: both methods use unlabelled inputs).
+Every input (paths, --out and --cache-dir writability, --device, the models' kind, the data) is checked before
+a model is loaded; a bad one exits with status 2 and one `pymerge <command>: error: ...` line, an internal
+error with status 1 and a traceback. The output directory appears complete or not at all: everything is
+written into a temporary sibling directory that is then renamed. It holds the merged model (save_pretrained +
+tokenizer) and <method>.json (the learned Γ per task and group, the loss curve, the options); for
+classification with task-specific heads, one complete model per task in OUT/<NAME>/.
 DivMerge's teacher outputs are cached on disk (--cache-dir, default $PYMERGE_CACHE or ~/.cache/pymerge).
 """
 import argparse
+import codecs
 import json
+import math
 import os
 import re
 import shutil
@@ -53,16 +58,27 @@ def parse_pairs(values, flag):
 
 
 def read_jsonl_texts(path, limit=None):
-    """The "text" field of every non-blank line of a JSONL file (the first `limit` ones when given).
-    Errors name the file and the 1-based line number."""
+    """The "text" field of every non-blank line of a UTF-8 JSONL file (the first `limit` ones when given); a
+    UTF-8 byte order mark may start the file. Errors name the file and the 1-based line number."""
     path = Path(path)
     if not path.exists():
         raise CLIError(f"data file {path} does not exist")
     if not path.is_file():
         raise CLIError(f"data file {path} is not a file")
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    try:
+        f = open(path, "rb")  # bytes: a decoding error can then name its line
+    except OSError as e:
+        raise CLIError(f"data file {path}: cannot read ({e.strerror or e})") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CLIError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
+                               f"of the line); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -89,31 +105,72 @@ def _check_model_dir(path, flag):
                        f"as written by save_pretrained)")
 
 
-def _architectures(path):
+def _config(path):
+    """The config.json of a model directory, as a dict."""
     try:
-        with open(path / "config.json") as f:
-            return json.load(f).get("architectures") or []
-    except (OSError, json.JSONDecodeError) as e:
+        with open(path / "config.json", encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CLIError(f"{path / 'config.json'}: cannot read ({e})") from None
+    if not isinstance(config, dict):
+        raise CLIError(f"{path / 'config.json'}: expected a JSON object, got a {type(config).__name__}")
+    return config
 
 
-def _kind_of_dirs(base, models):
-    from .methods.divmerge import kind_of_architecture
-    for path in [*models.values(), base]:
-        for arch in _architectures(path):
-            kind = kind_of_architecture(arch)
-            if kind is not None:
-                return kind
-    return None
+def _architectures(config):
+    """config.json's "architectures": the class names save_pretrained wrote, e.g. ["BertForSequenceClassification"]."""
+    archs = config.get("architectures") or []
+    return [str(a) for a in archs] if isinstance(archs, list) else [str(archs)]
 
 
 def infer_kind(base, models):
-    """classification or causal-lm, from the config.json architectures of the models (then the base)."""
-    kind = _kind_of_dirs(base, models)
-    if kind is None:
-        raise CLIError("cannot tell the model kind from config.json 'architectures'; pass --kind classification "
-                       "or --kind causal-lm")
-    return kind
+    """(kind, flag of the directory that told it): classification or causal-lm, from the config.json
+    architectures of the fine-tuned models (then the base)."""
+    from .methods.divmerge import kind_of_architecture
+    for flag, path in [*((f"--model {n}={p}", p) for n, p in models.items()), (f"--base {base}", base)]:
+        for arch in _architectures(_config(path)):
+            kind = kind_of_architecture(arch)
+            if kind is not None:
+                return kind, flag
+    raise CLIError("cannot tell the model kind from config.json 'architectures'; pass --kind classification "
+                   "or --kind causal-lm")
+
+
+def _head_class(kind, model_type):
+    """The class name AutoModelForSequenceClassification / AutoModelForCausalLM loads for `model_type`, or None."""
+    _transformers()
+    from transformers.models.auto import modeling_auto
+    names = (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if kind == "causal-lm"
+             else modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+    return names.get(model_type)
+
+
+def check_kind(kind, base, models, source):
+    """Raise CLIError unless every fine-tuned model directory holds a `kind` model (its head is the task's
+    teacher; loading another class would drop it and initialise the kind's head at random), and, for
+    causal-lm, the base too (the LM head is merged). A classification base may be anything: its head is not
+    merged. `source` says where `kind` came from, for the message. Reads config.json only."""
+    from .methods.divmerge import kind_of_architecture
+    dirs = [(f"--model {n}={p}", p) for n, p in models.items()]
+    if kind == "causal-lm":
+        dirs.append((f"--base {base}", base))
+    for flag, path in dirs:
+        config = _config(path)
+        archs = _architectures(config)
+        if not archs:
+            continue  # nothing to compare: loading tells
+        kinds = {kind_of_architecture(a) for a in archs} - {None}
+        if kinds and kind not in kinds:
+            raise CLIError(f"{flag}: config.json architectures {archs} make it a {kinds.pop()} model, not {kind} "
+                           f"({source})")
+        if not kinds:
+            # an architecture the name does not classify: it must be the class the kind's Auto class loads
+            model_type = config.get("model_type")
+            expected = _head_class(kind, model_type)
+            if expected not in archs:
+                have = f"{expected} for model_type {model_type!r}" if expected else \
+                    f"model_type {model_type!r} has none in transformers"
+                raise CLIError(f"{flag}: config.json architectures {archs} hold no {kind} head ({have}; {source})")
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -168,14 +225,71 @@ def _prompts(tok, texts, max_length):
     return [tok(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
 
 
+def check_device(name):
+    """The torch.device of --device NAME (cpu, cuda, cuda:N, or auto: cuda when available), or CLIError."""
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise CLIError(f"--device {name}: CUDA is not available ({why}); use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise CLIError(f"--device {name}: there are {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})")
+    return device
+
+
+def _check_options(args):
+    """The numeric and regex options, before anything is read."""
+    minimums = dict(steps=0, examples_per_task=1, max_length=1, batch_size=1, epochs=1, max_new_tokens=1, top_k=0)
+    for key, low in minimums.items():
+        value = getattr(args, key, None)
+        if value is not None and value < low:
+            raise CLIError(f"--{key.replace('_', '-')} {value} must be >= {low}")
+    for key in ("lr", "temperature"):
+        value = getattr(args, key)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise CLIError(f"--{key} {value} must be a positive finite number")
+    for key in ("task_specific_keys", "layer_groups"):
+        value = getattr(args, key)
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise CLIError(f"--{key.replace('_', '-')} {value!r}: not a valid regular expression ({e})") from None
+
+
 # ------------------------------------------------------------------------------------------------ output
+def _check_writable(directory, flag, given):
+    """Raise CLIError unless this process can create directories in `directory` (created later when missing):
+    its nearest existing ancestor is a directory where a probe directory can be made (and is removed at once;
+    a probe, not permission bits, so that it also holds for root and for file systems such as /proc)."""
+    existing = Path(os.path.abspath(directory))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"{flag} {given}: {existing} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".pymerge-probe-", dir=existing))
+    except OSError as e:
+        raise CLIError(f"{flag} {given}: cannot create a directory in {existing} ({e.strerror or e})") from None
+
+
 def _prepare_out(out, overwrite):
+    """Check --out: absent (or a directory and --overwrite), and its parent writable. Creates nothing."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise CLIError(f"--out {out} already exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_writable(out.parent, "--out", out)
     return out
 
 
@@ -220,9 +334,11 @@ def cmd_methods(args):
     return 0
 
 
-def _task_inputs(args, limit):
-    """(base, models, data, texts, out): the checked command line, the data files read (first `limit`
-    lines each; None: all), the output directory claimed. Nothing is loaded yet."""
+def _task_inputs(args, limit, kind, source):
+    """(base, models, data, texts, out, kind, device): the checked command line, the data files read (first
+    `limit` lines each; None: all), the output directory checked, the kind ("auto" resolved; `source` words
+    where a given one comes from) checked against the models' config.json, the device checked. Nothing is
+    loaded yet."""
     models = parse_pairs(args.model, "--model")
     data = parse_pairs(args.data, "--data")
     if not models:
@@ -237,13 +353,18 @@ def _task_inputs(args, limit):
     _check_model_dir(base, "--base")
     for name, path in models.items():
         _check_model_dir(path, f"--model {name}=")
-    if limit is not None and limit < 1:
-        raise CLIError(f"--examples-per-task {limit} must be >= 1")
-    if args.steps is not None and args.steps < 0:
-        raise CLIError(f"--steps {args.steps} must be >= 0")
-    texts = {name: read_jsonl_texts(path, limit) for name, path in data.items()}
+    _check_options(args)
     out = _prepare_out(args.out, args.overwrite)
-    return base, models, data, texts, out
+    if not getattr(args, "no_cache", True):  # divmerge's teacher cache (adamerging has none)
+        from .teachers import cache_dir
+        _check_writable(cache_dir(args.cache_dir), "--cache-dir", cache_dir(args.cache_dir))
+    device = check_device(args.device)
+    if kind == "auto":
+        kind, flag = infer_kind(base, models)
+        source = f"--kind auto: {kind} from {flag}"
+    check_kind(kind, base, models, source)
+    texts = {name: read_jsonl_texts(path, limit) for name, path in data.items()}
+    return base, models, data, texts, out, kind, device
 
 
 def _learn_options(args):
@@ -261,12 +382,10 @@ def _learn_options(args):
 
 
 def _runtime(args, base, models):
-    """(transformers, device, dtype, tokenizer, tokenizer dir)."""
+    """(transformers, dtype, tokenizer, tokenizer dir)."""
     tf = _transformers()
-    import torch
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     tok, tok_dir = _tokenizer(tf, base, models)
-    return tf, device, _dtype(args.dtype), tok, tok_dir
+    return tf, _dtype(args.dtype), tok, tok_dir
 
 
 def _loaders(auto, models, dtype, device):
@@ -301,6 +420,7 @@ def _learn(method, *a, **kw):
 def _write_result(result, loaders, tok, out, config):
     """OUT/ (one merged model) or OUT/<task>/ (one per task when heads are task-specific), and
     OUT/<method>.json; written into a temporary sibling directory, then renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         if any(result.heads[n] for n in result.tasks):
@@ -337,9 +457,8 @@ def _finish(args, result, kind, base, models, data, tok, tok_dir, task_specific,
 def cmd_divmerge(args):
     from .methods.divmerge import EXAMPLES_PER_TASK, divmerge
     limit = args.examples_per_task if args.examples_per_task is not None else EXAMPLES_PER_TASK[args.granularity]
-    base, models, data, texts, out = _task_inputs(args, limit)
-    kind = infer_kind(base, models) if args.kind == "auto" else args.kind
-    tf, device, dtype, tok, tok_dir = _runtime(args, base, models)
+    base, models, data, texts, out, kind, device = _task_inputs(args, limit, args.kind, f"--kind {args.kind}")
+    tf, dtype, tok, tok_dir = _runtime(args, base, models)
     opts = _learn_options(args)
     opts.update(teacher_cache=not args.no_cache, cache_dir=args.cache_dir)
     if kind == "causal-lm":
@@ -361,11 +480,10 @@ def cmd_divmerge(args):
 
 def cmd_adamerging(args):
     from .methods.adamerging import adamerging
-    base, models, data, texts, out = _task_inputs(args, args.examples_per_task)
-    if _kind_of_dirs(base, models) == "causal-lm":
-        raise CLIError("adamerging merges sequence classifiers (its entropy is over each task head's class "
-                       "predictions); these are causal LMs: use `pymerge divmerge`")
-    tf, device, dtype, tok, tok_dir = _runtime(args, base, models)
+    base, models, data, texts, out, _, device = _task_inputs(
+        args, args.examples_per_task, "classification", "adamerging merges sequence classifiers, its entropy is "
+        "over each task head's class predictions; for causal LMs use `pymerge divmerge`")
+    tf, dtype, tok, tok_dir = _runtime(args, base, models)
     opts = _learn_options(args)
     if args.no_clamp:
         opts["clamp"] = None
@@ -450,7 +568,8 @@ def main(argv=None):
     try:
         return args.func(args)
     except CLIError as e:
-        print(f"pymerge {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split("\n"))  # one line, also for wrapped multi-line library messages
+        print(f"pymerge {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -115,10 +115,22 @@ def test_methods_lists_the_registry(capsys):
     assert "divmerge" in out and "pymerge adamerging --help" in out
 
 
-def test_console_entry_point_module_runs():
-    r = subprocess.run([sys.executable, "-m", "pymerge.cli", "methods"], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("module", ["pymerge", "pymerge.cli"])
+def test_python_dash_m_runs_the_cli(module, capsys):
+    """`python -m pymerge` and `python -m pymerge.cli` are the `pymerge` command: the same listing."""
+    _, expected, _ = _run(["methods"], capsys)
+    r = subprocess.run([sys.executable, "-m", module, "methods"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "task_arithmetic" in r.stdout or "weight_average" in r.stdout
+    assert r.stdout == expected
+
+
+def test_python_dash_m_usage_error_is_one_line_exit_2(tmp_path):
+    """A bad input through the real entry point: exit status 2, one `pymerge ...: error:` line, no traceback."""
+    r = subprocess.run([sys.executable, "-m", "pymerge", "divmerge", "--base", str(tmp_path / "nobase"),
+                        "--model", f"a={tmp_path}", "--data", f"a={tmp_path / 'a.jsonl'}", "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr == f"pymerge divmerge: error: --base {tmp_path / 'nobase'}: not a directory\n"
 
 
 def test_divmerge_classification_per_task_heads(bert_dirs, tmp_path, capsys, teacher_cache_dir):
@@ -215,10 +227,10 @@ def test_adamerging_errors(bert_dirs, llama_dirs, tmp_path, capsys):
     code, _, err = _run(["adamerging", "--base", bert_dirs / "base", "--model", f"a={bert_dirs / 'a'}",
                          "--out", tmp_path / "out"], capsys)
     assert code == 2 and r"['a'] have --model but no --data" in err
-    code, _, err = _run(["adamerging", "--base", bert_dirs / "base", "--model", f"a={bert_dirs / 'a'}",
-                         "--data", f"a={bert_dirs / 'a.jsonl'}", "--out", tmp_path / "out", "--steps", "1",
-                         "--batch-size", "0", "--quiet"], capsys)
-    assert code == 2 and "batch_size = 0" in err
+    # a ValueError of the method (here: a batch smaller than the number of tasks) is a usage error too
+    code, _, err = _run(_two_task_argv("adamerging", bert_dirs, tmp_path / "out", "--steps", "1", "--batch-size", "1",
+                                       "--quiet"), capsys)
+    assert code == 2 and "batch_size = 1 is smaller than the number of tasks T = 2" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -242,7 +254,9 @@ def files(tmp_path, bert_dirs):
     bad.write_text('{"text": "fine"}\n\n{"text": "broken"\n')
     notext = tmp_path / "notext.jsonl"
     notext.write_text('{"text": "fine"}\n{"label": 1}\n')
-    return dict(good=good, empty=empty, bad=bad, notext=notext, missing=tmp_path / "nope.jsonl",
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"text": "fine"}\n{"text": "café"}\n'.encode("latin-1"))
+    return dict(good=good, empty=empty, bad=bad, notext=notext, latin1=latin1, missing=tmp_path / "nope.jsonl",
                 base=bert_dirs / "base", a=bert_dirs / "a", out=tmp_path / "out")
 
 
@@ -251,6 +265,7 @@ def files(tmp_path, bert_dirs):
     ("empty", [], "is empty"),
     ("bad", [], r"bad.jsonl:3: not valid JSON"),
     ("notext", [], r"notext.jsonl:2: expected an object with a \"text\" field"),
+    ("latin1", [], r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at byte 14 of the line\)"),
     ("good", ["--data", "zzz=FILE"], r"\['zzz'\] have --data but no --model"),
     ("good", ["--model", "zzz=DIR"], r"\['zzz'\] have --model but no --data"),
     ("good", ["--model", "oops"], "expected NAME=PATH"),
@@ -277,3 +292,122 @@ def test_divmerge_model_dir_errors(files, tmp_path, capsys):
     code, _, err = _run(["divmerge", "--base", files["base"], "--data", f"a={files['good']}", "--out",
                          files["out"]], capsys)
     assert code == 2 and "at least one fine-tuned model" in err
+
+
+def test_jsonl_utf8_bom_is_accepted(tmp_path):
+    """A UTF-8 byte order mark (as some editors write) starts the file: it is no part of the first text."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + _jsonl(tmp_path / "plain.jsonl", TEXTS[:3]).read_bytes())
+    assert cli.read_jsonl_texts(path) == TEXTS[:3]
+    path.write_bytes(b'{"text": "x"}\n\xef\xbb\xbf{"text": "y"}\n')  # a BOM anywhere else is not one
+    with pytest.raises(cli.CLIError, match=r"bom.jsonl:2: not valid JSON"):
+        cli.read_jsonl_texts(path)
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if the CLI gets as far as loading a model: its input checks come first."""
+    def load(*a, **k):
+        raise AssertionError("a model was loaded before the inputs were checked")
+    monkeypatch.setattr(cli, "_load", load)
+
+
+def _divmerge_a(files, *extra):
+    return ["divmerge", "--base", files["base"], "--model", f"a={files['a']}", "--data", f"a={files['good']}",
+            "--out", files["out"], *extra]
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "deep_under_a_file", "proc"])
+def test_unwritable_out_is_refused_before_loading(files, tmp_path, capsys, no_loading, where):
+    (tmp_path / "afile").write_text("x")
+    # paths no process can create a directory in, root included (tests may run as root, where modes do not bind)
+    out = {"under_a_file": tmp_path / "afile" / "out", "deep_under_a_file": tmp_path / "afile" / "sub" / "out",
+           "proc": "/proc/pymerge-test-out"}[where]
+    code, _, err = _run(["divmerge", "--base", files["base"], "--model", f"a={files['a']}", "--data",
+                         f"a={files['good']}", "--out", out, "--steps", "0"], capsys)
+    assert code == 2, err
+    assert err.startswith(f"pymerge divmerge: error: --out {out}: ") and err.count("\n") == 1
+    reason = "is not a directory" if where != "proc" else "cannot create a directory in /proc"
+    assert reason in err
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_unwritable_cache_dir_is_refused_before_loading(files, tmp_path, capsys, no_loading):
+    (tmp_path / "afile").write_text("x")
+    code, _, err = _run(_divmerge_a(files, "--cache-dir", tmp_path / "afile" / "cache"), capsys)
+    assert code == 2 and f"--cache-dir {tmp_path / 'afile' / 'cache'}: " in err and "not a directory" in err
+    code, _, err = _run(_divmerge_a(files, "--cache-dir", tmp_path / "afile" / "cache", "--no-cache",
+                                    "--device", "nope"), capsys)
+    assert code == 2 and "--cache-dir" not in err  # --no-cache: the cache directory is never used
+
+
+@pytest.mark.parametrize("device,message", [
+    ("cuda", "--device cuda: CUDA is not available"),
+    ("cuda:0", "--device cuda:0: CUDA is not available"),
+    ("auto-ish", "--device 'auto-ish': expected cpu, cuda, cuda:N or auto"),
+    ("meta", "--device 'meta': expected cpu, cuda, cuda:N or auto"),
+])
+def test_unavailable_device_is_refused_before_loading(files, capsys, monkeypatch, no_loading, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a machine with a GPU
+    for command in ("divmerge", "adamerging"):
+        code, _, err = _run([command, *_divmerge_a(files, "--device", device)[1:]], capsys)
+        assert code == 2 and err.startswith(f"pymerge {command}: error: {message}") and err.count("\n") == 1, err
+    assert not files["out"].exists()
+
+
+def _config_dir(path, architectures, model_type):
+    """A model directory holding only config.json: the kind checks read nothing else."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"architectures": architectures, "model_type": model_type}))
+    return path
+
+
+def test_kind_mismatch_is_refused_before_loading(bert_dirs, llama_dirs, tmp_path, capsys, no_loading):
+    def divmerge(models, *extra, base=bert_dirs / "base"):
+        argv = ["divmerge", "--base", base, "--out", tmp_path / "out", *extra]
+        for name, path in models.items():
+            argv += ["--model", f"{name}={path}", "--data", f"{name}={bert_dirs / 'a.jsonl'}"]
+        return _run(argv, capsys)
+
+    a, b, x = bert_dirs / "a", bert_dirs / "b", llama_dirs / "x"
+    # BERT classifiers as causal LMs: the LM head would be random and the classifiers dropped
+    code, _, err = divmerge({"a": a, "b": b}, "--kind", "causal-lm", base=llama_dirs / "base")
+    assert code == 2 and err.count("\n") == 1, err
+    assert (f"--model a={a}: config.json architectures ['BertForSequenceClassification'] make it a classification "
+            f"model, not causal-lm (--kind causal-lm)") in err
+    code, _, err = divmerge({"x": x}, "--kind", "classification", base=llama_dirs / "base")
+    assert code == 2 and f"--model x={x}: " in err and "make it a causal-lm model, not classification" in err
+    # auto: the first model decides, the others must agree
+    code, _, err = divmerge({"a": a, "x": x}, base=llama_dirs / "base")
+    assert code == 2 and f"--model x={x}: " in err and "not classification (--kind auto: classification from " \
+                                                          f"--model a={a})" in err
+    # a causal-LM merge needs a base with an LM head (BertModel has none)
+    code, _, err = divmerge({"x": x}, "--kind", "causal-lm")
+    assert code == 2 and f"--base {bert_dirs / 'base'}: config.json architectures ['BertModel'] " in err
+    assert "hold no causal-lm head (BertLMHeadModel for model_type 'bert'; --kind causal-lm)" in err
+    # a fine-tuned model without the kind's head (a masked LM): its head would be initialised at random
+    mlm = _config_dir(tmp_path / "mlm", ["BertForMaskedLM"], "bert")
+    code, _, err = divmerge({"m": mlm}, "--kind", "classification")
+    assert code == 2 and f"--model m={mlm}: config.json architectures ['BertForMaskedLM'] hold no " \
+                         "classification head (BertForSequenceClassification for model_type 'bert'; --kind " \
+                         "classification)" in err
+    code, _, err = _run(["adamerging", "--base", bert_dirs / "base", "--model", f"a={a}", "--model", f"m={mlm}",
+                         "--data", f"a={bert_dirs / 'a.jsonl'}", "--data", f"m={bert_dirs / 'a.jsonl'}",
+                         "--out", tmp_path / "out"], capsys)
+    assert code == 2 and f"--model m={mlm}: " in err and "hold no classification head" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_regex_and_sizes_are_refused_before_loading(files, capsys, no_loading):
+    for extra, message in ((["--task-specific-keys", "classifier("], "--task-specific-keys 'classifier(': not a "
+                                                                      "valid regular expression"),
+                           (["--layer-groups", "[a"], "--layer-groups '[a': not a valid regular expression"),
+                           (["--max-length", "0"], "--max-length 0 must be >= 1"),
+                           (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
+                           (["--epochs", "0"], "--epochs 0 must be >= 1"),
+                           (["--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
+                           (["--top-k", "-1"], "--top-k -1 must be >= 0"),
+                           (["--lr", "0"], "--lr 0.0 must be a positive finite number"),
+                           (["--temperature", "nan"], "--temperature nan must be a positive finite number")):
+        code, _, err = _run(_divmerge_a(files, *extra), capsys)
+        assert code == 2 and err.startswith(f"pymerge divmerge: error: {message}"), err
