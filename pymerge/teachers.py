@@ -3,7 +3,7 @@ log-probabilities, and for causal LMs generated continuations with their per-tok
 teacher cache and its divergence.
 
 DivMerge compares the merged model with each fine-tuned model θ_t on unlabelled inputs of task t
-(SPEC.md §DivMerge). The fine-tuned models are needed only to produce these targets: once computed (or
+(docs/METHODS.md §DivMerge). The fine-tuned models are needed only to produce these targets: once computed (or
 loaded from the cache) the optimisation of Γ needs θ_0, the τ_t and the targets.
 
 - Classification: ``objective_targets(module, examples, objective)`` -> per example objective.teacher(...) of
@@ -693,8 +693,8 @@ def token_divergence(logits, target_mask, teacher, *, divergence="js", beta=0.5,
 
 
 def sequence_divergence(logits, target_mask, teacher, **kw) -> torch.Tensor:
-    """Per-sequence mean of token_divergence over its ŷ positions [B] (SPEC.md §DivMerge: per sequence, then
-    the caller averages over sequences). Every row of target_mask must have a True entry."""
+    """Per-sequence mean of token_divergence over its ŷ positions [B] (docs/METHODS.md §DivMerge, generative: per
+    sequence, then the caller averages over sequences). Every row of target_mask must have a True entry."""
     tok = token_divergence(logits, target_mask, teacher, **kw)
     counts = target_mask.sum(1)
     if bool((counts == 0).any()):

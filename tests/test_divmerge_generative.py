@@ -7,13 +7,12 @@ import os
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+# transformers is a test dependency (requirements-dev.txt): a missing one must fail, not skip.
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import pymerge
 from pymerge import reference, teachers
 from test_divmerge import one_thread, teacher_cache_dir  # noqa: F401 (autouse: 1 thread, a per-test cache)
-
-transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 V = 97
 EOS, PAD = 2, 0

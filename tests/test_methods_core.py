@@ -1,5 +1,9 @@
 """pymerge.merge(): validation, key grouping, dtypes, the method registry and spec contract."""
+import ast
 import collections
+import importlib
+import inspect
+import pkgutil
 
 import pytest
 import torch
@@ -7,7 +11,7 @@ import torch
 import pymerge
 from pymerge import methods
 from pymerge.merge import _plan_groups
-from pymerge.methods import KeyGroup, KeyInfo
+from pymerge.methods import KeyGroup, KeyInfo, MethodSpec
 
 from backend_lists import method_backends
 
@@ -50,16 +54,60 @@ def _family(T=3, dtype=torch.float32):
 
 
 # ------------------------------------------------------------------------------------------ registry / spec
-def test_registry_lists_methods_and_specs_describe():
-    avail = methods.available()
-    for name in MINE:
-        assert name in avail
-        spec = methods.get(name)
-        assert spec.name == name
-        text = spec.describe()
-        assert text.startswith(name) and all(p.name in text for p in spec.params)
+# The static methods docs/METHODS.md defines, by registry name.
+DOCUMENTED = ("weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "tsv_m", "iso_c", "iso_cts",
+              "cart")
+PER_MODEL = " (scalar or one per model)"
+
+
+def _method_modules():
+    """{module name: its SPEC} for every module of pymerge/methods that defines a MethodSpec."""
+    found = {}
+    for info in pkgutil.iter_modules(methods.__path__):
+        spec = getattr(importlib.import_module(f"{methods.__name__}.{info.name}"), "SPEC", None)
+        if isinstance(spec, MethodSpec):
+            found[info.name] = spec
+    return found
+
+
+def test_registry_holds_every_method_module_and_documented_method():
+    modules = _method_modules()
+    assert sorted(methods.available()) == sorted(DOCUMENTED) == sorted(modules)
+    for name, spec in modules.items():
+        assert methods.get(name) is spec and spec.name == name
     with pytest.raises(ValueError, match="unknown merging method 'nope'"):
         methods.get("nope")
+
+
+@pytest.mark.parametrize("name", DOCUMENTED)
+def test_describe_shows_every_param_with_its_default_and_declared_type(name):
+    """describe() has one line per Param, in order, showing its default (a literal equal to it, of the same type),
+    whether it is per-model, and its help; each default has the Param's declared type, passes its own checks, is
+    what resolve_params fills in, and agrees with any default merge_group's signature declares."""
+    spec = methods.get(name)
+    lines = spec.describe().splitlines()
+    assert lines[0] == f"{name}: {spec.description}"
+    assert len(lines) == 1 + len(spec.params)
+    assert len({p.name for p in spec.params}) == len(spec.params)
+    for line, p in zip(lines[1:], spec.params):
+        head, tail = f"  {p.name} = ", f": {p.help}"
+        assert line.startswith(head) and line.endswith(tail), (line, p)
+        shown = line[len(head):len(line) - len(tail)]
+        assert shown.endswith(PER_MODEL) == p.per_model, (line, p)
+        shown = shown[:-len(PER_MODEL)] if p.per_model else shown
+        value = ast.literal_eval(shown)
+        assert value == p.default and type(value) is type(p.default), (name, p.name, shown)
+        assert p.default is None or isinstance(p.default, p.type), (name, p.name, p.type)
+        assert p.choices is None or p.default in p.choices, (name, p.name)
+        assert p.default is None or p.check is None or p.check(p.default) is None, (name, p.name)
+    T = 3
+    resolved = spec.resolve_params({}, T)
+    assert resolved == {p.name: [p.default] * T if p.per_model else p.default for p in spec.params}
+    signature = inspect.signature(spec.merge_group).parameters
+    for p in spec.params:
+        assert p.name in signature, (name, p.name)
+        declared = signature[p.name].default
+        assert declared is inspect.Parameter.empty or declared == p.default, (name, p.name, declared)
 
 
 def test_unknown_and_bad_params():

@@ -4,7 +4,7 @@ Oracles (the lowest-level functions FusionBench's algorithm classes call, on lis
   fusion_bench.method.task_singular_vector.utils.TSVM_utils.compute_and_sum_svd_mem_reduction   (TSV-M)
   fusion_bench.method.isotropic_merging.iso_utils.iso_c / iso_cts                                (Iso-C / -CTS)
 followed, as in TaskSingularVectorMerging.run / IsotropicMergingIn*.run, by theta_0 + alpha * merged.
-Install (torch stays untouched): `make install` installs it. Skipped when fusion_bench cannot be imported.
+Install (torch stays untouched): `make install` installs it; a missing fusion_bench is an error, not a skip.
 
 Matched semantics: FusionBench merges every 2-D key as a matrix unless its exact name is in exclude_keys;
 pymerge takes regexes (exclude_keys=() merges every 2-D key, [re.escape(name)] excludes one by exact name).
@@ -18,12 +18,10 @@ import re
 
 import pytest
 import torch
+from fusion_bench.method.isotropic_merging import iso_utils
+from fusion_bench.method.task_singular_vector.utils import TSVM_utils
 
-pytest.importorskip("fusion_bench.method.isotropic_merging.iso_utils")
-from fusion_bench.method.isotropic_merging import iso_utils  # noqa: E402
-from fusion_bench.method.task_singular_vector.utils import TSVM_utils  # noqa: E402
-
-import pymerge  # noqa: E402
+import pymerge
 
 F64 = torch.float64
 ALPHA = {"tsv_m": 1.0, "iso_c": 1.5, "iso_cts": 1.5}

@@ -1,21 +1,20 @@
 """The peers' own merge code as oracle: mergekit 0.1.5 (`GeneralizedTaskArithmeticMerge` via its registry, the
 same code `mergekit-yaml` runs) and peft's `merge_utils`, on the same tensors as pymerge.
 
-Install (torch untouched; mergekit pulls peft, accelerate, datasets, ... but not a new torch):
-    pip install mergekit==0.1.5
+Installed by `make test` (requirements-dev.txt: mergekit 0.1.5, which pulls peft, but not a new torch); a missing
+peer is an error, not a skip.
 Every difference is either zero (to fp32 rounding) or a deliberate deviation pinned by a test below.
 """
 import collections
 
+import mergekit.merge_methods.base as mk_base
+import mergekit.merge_methods.registry as mk_registry
+import peft.utils.merge_utils as peft_merge
 import pytest
 import torch
 
 import pymerge
 from pymerge.methods import key_seed
-
-mk_registry = pytest.importorskip("mergekit.merge_methods.registry")
-mk_base = pytest.importorskip("mergekit.merge_methods.base")
-peft_merge = pytest.importorskip("peft.utils.merge_utils")
 
 
 def family(T=4, dtype=torch.float32, seed=0, scale=0.05):
@@ -155,7 +154,7 @@ def test_dare_p0_matches_mergekit():
     ours_l = pymerge.merge("dare_linear", base, models, p=0.0, lam=0.5, weights=w, backend="reference")
     theirs_l = mergekit_merge("dare_linear", base, models, weight=w, density=1.0, **{"lambda": 0.5})
     _assert_close(ours_l, theirs_l)
-    # dare_ties: mergekit's default normalize=False *sums* the agreeing entries; SPEC's TIES step (and pymerge)
+    # dare_ties: mergekit's default normalize=False *sums* the agreeing entries; docs/METHODS.md §TIES (pymerge)
     # takes their disjoint mean, which is mergekit with normalize=True.
     ours_t = pymerge.merge("dare_ties", base, models, p=0.0, weights=w)
     theirs_t = mergekit_merge("dare_ties", base, models, weight=w, density=1.0, normalize=True)
@@ -166,8 +165,8 @@ def test_dare_p0_matches_mergekit():
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
 def test_dare_with_seed_matches_peft_given_the_same_masks(method, monkeypatch):
-    """peft rescales survivors by 1/density = 1/(1 - p) exactly as SPEC; feeding it pymerge's masks (in place of
-    torch.bernoulli) must reproduce pymerge's result for a fixed seed."""
+    """peft rescales survivors by 1/density = 1/(1 - p) as docs/METHODS.md §DARE; feeding it pymerge's masks (in
+    place of torch.bernoulli) must reproduce pymerge's result for a fixed seed."""
     base, models = family(seed=5)
     p, seed = 0.6, 123
     kw = {"backend": "reference"} if method == "dare_linear" else {}

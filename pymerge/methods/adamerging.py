@@ -1,4 +1,4 @@
-"""AdaMerging (Yang et al., ICLR 2024; SPEC "Relatives"): merge coefficients learned by minimising the
+"""AdaMerging (Yang et al., ICLR 2024; docs/METHODS.md §AdaMerging): merge coefficients learned by minimising the
 entropy of the merged model's predictions on unlabelled test-time batches of each task (task t's head).
 
     Gamma* = argmin_Gamma sum_t E_{x ~ X_t} [ H( p_{Phi_Gamma}(.|x) ) ],   Phi_Gamma = theta_0 + sum_t Gamma_t tau_t

@@ -1,5 +1,5 @@
-"""DivMerge (Touayouch et al., arXiv 2509.02108; SPEC Seed 2): merge coefficients learned by minimising the
-divergence between each fine-tuned model and the merged model on unlabelled data of its task.
+"""DivMerge (Touayouch et al., arXiv 2509.02108; docs/METHODS.md §DivMerge): merge coefficients learned by
+minimising the divergence between each fine-tuned model and the merged model on unlabelled data of its task.
 
     Gamma* = argmin_Gamma sum_t E_{x ~ X_t} [ D( p_{theta_t}(.|x) || p_{Phi_Gamma}(.|x) ) ],
     Phi_Gamma = theta_0 + sum_t Gamma_t tau_t         (Gamma unconstrained, init 1/T)
@@ -26,8 +26,8 @@ from ..learned import Objective
 DIVERGENCES = teachers.DIVERGENCES
 KINDS = ("auto", "classification", "causal-lm")
 
-# Paper Table 9 (SPEC): Adam lr 1e-2, batch 4 x T mixed across tasks, 4 epochs, 200 (task level) / 400 (layer
-# level) unlabelled examples per task, init 1/T, temperature 1. Options of both kinds.
+# Paper Table 9 (docs/METHODS.md §DivMerge): Adam lr 1e-2, batch 4 x T mixed across tasks, 4 epochs, 200 (task
+# level) / 400 (layer level) unlabelled examples per task, init 1/T, temperature 1. Options of both kinds.
 DEFAULTS = dict(lr=1e-2, batch_size=None, epochs=4, steps=None, examples_per_task=None, init=None,
                 layer_groups=None, start="pretrained", cart_rank_ratio=None, cart_keys=None, cart_svd="exact",
                 init_from=None, init_from_params=None, temperature=1.0, beta=0.5, seed=0, progress=True,
@@ -74,7 +74,7 @@ class DivergenceObjective(Objective):
 
 class GenerativeObjective(DivergenceObjective):
     """DivMerge for causal LMs: mean over sequences of the per-sequence mean token divergence
-    D(teacher || merged) over the ŷ positions (SPEC §DivMerge, generative).
+    D(teacher || merged) over the ŷ positions (docs/METHODS.md §DivMerge, generative).
 
     examples(): a task's data as prompts (pymerge.teachers.prompt_list: token lists, 1-D tensors, [B, L]
     tensors, {"input_ids", "attention_mask"} batches, or strings with tokenizer=). prepare(): fine-tuned model
@@ -181,7 +181,7 @@ def divmerge(base, models, data, *, task_specific_keys=None, granularity="layer"
     "attention_mask"} batches, or strings with tokenizer=); each fine-tuned model greedily continues its
     prompts and its per-token distributions over the continuation are the teachers (pymerge.teachers).
 
-    opts (defaults from SPEC / the paper's Table 9):
+    opts (defaults: docs/METHODS.md §DivMerge, from the paper's Table 9):
       lr=1e-2 (Adam); batch_size=4*T (mixed: batch_size // T examples of every task per step);
       epochs=4, or steps=N (overrides epochs); examples_per_task=200 (task) / 400 (layer): the first N of each
       task's data, or all of it when shorter; init=1/T (scalar, [T] or [G, T]); layer_groups=None;
