@@ -7,7 +7,7 @@ A data-driven merge learns coefficients Gamma for the model
 where, by the starting point (``start=`` / ``init_from=``):
   - "pretrained" (the papers): theta_s = theta_0 and delta_t = tau_t = theta_t - theta_0;
   - "cart": theta_s = theta_avg and delta_t = lowrank_k(theta_t - theta_avg) (CART's centered low-rank task
-    vectors, SPEC Seed 1; non-selected keys keep the full centered vector);
+    vectors, docs/METHODS.md §CART; non-selected keys keep the full centered vector);
   - init_from=<static merge>: theta_s = that merge's result and delta_t = tau_t, Gamma initialised to 0, so the
     optimisation starts exactly at the static merge and refines it.
 Only Gamma is trained. The merged parameters are a differentiable function of Gamma and are fed to the
@@ -88,7 +88,7 @@ Objective protocol (DivMerge's DivergenceObjective and GenerativeObjective, AdaM
 ``CoefficientOptimizer(merged, tasks, objective, *, lr, batch_size, clamp=None, seed=0)``: Adam on Gamma.
     Each step draws batch_size examples mixed across tasks (batch_size // T per task, the remainder to the
     first tasks; each task's examples reshuffled every pass), runs every task once on ONE shared merged
-    parameter set and minimises sum_t loss_t (SPEC: tasks summed unweighted). ``step() -> float``,
+    parameter set and minimises sum_t loss_t (docs/METHODS.md §Learned coefficients: tasks summed unweighted). ``step() -> float``,
     ``run(steps, progress=True, desc=...) -> [float]`` (tqdm bar with the running loss), ``loss(gamma=None,
     indices=None)`` the objective on given examples (used by the gradient checks).
 
@@ -688,7 +688,8 @@ class MergedModel:
 
     def _to_cart(self, ratio, cart_keys, svd, embedding_keys, backend, what):
         """theta_s = theta_avg, delta_t = rank-k approximation of theta_t - theta_avg (selected 2-D keys) or
-        the full centered vector (others), k = max(1, int(ratio * min(m, n)))."""
+        the full centered vector (others), k = max(1, int(ratio * min(m, n))). svd="randomized": each key's
+        test matrix is seeded by key_seed(0, key), whatever group the key is stacked in."""
         sel_re = _compile(cart_keys, "cart_keys", what)
         exclude = [re.compile(p) for p in _cart_default("DEFAULT_EXCLUDE_KEYS", (r"embed", r"classifier", r"pooler",
                                                                                  r"lm_head"))]
@@ -711,9 +712,11 @@ class MergedModel:
                         U, S, Vh = torch.linalg.svd(A.to(acc), full_matrices=False)
                         U, S, V = U[..., :rank], S[..., :rank], Vh[..., :rank, :].mT
                     else:
+                        from .methods.spec import key_seed
                         from .ops import randomized_svd
-                        U, S, V = randomized_svd(A, rank, seed=0, backend=op_backend(backend, A.device,
-                                                                                     "pymerge::randomized_svd"))
+                        # Seeded per key (as pymerge.merge("cart", seed=0)): not one test matrix for every key.
+                        U, S, V = randomized_svd(A, rank, seed=key_seed(0, k), backend=op_backend(
+                            backend, A.device, "pymerge::randomized_svd"))
                     A.copy_((U * S.unsqueeze(-2)) @ V.mT)
 
     def _to_static(self, init_from, init_from_params, what):

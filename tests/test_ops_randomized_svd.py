@@ -215,6 +215,46 @@ def test_batches(backend, B):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_seed_per_block_equals_each_block_alone(backend, dtype):
+    """seed=[s_0, .., s_{G-1}]: the batch is G blocks of B / G matrices and block g gets the test matrix of the
+    call on that block alone with seed=s_g, so its rank-k approximation is that call's up to rounding (not
+    bitwise: LAPACK rounds a matrix at another alignment in the batched buffers differently). Gaussian
+    matrices have no gap at k, so another test matrix gives an O(1) different approximation. One seed in a
+    list is the int seed, bitwise."""
+    rough = dict(oversample=0, power_iters=0)    # l = k, no power iteration: omega shapes the result
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    gen = torch.Generator().manual_seed(21)
+    A = torch.randn(6, 20, 14, generator=gen, dtype=torch.float64).to(dtype)
+    seeds = [11, 5, 11]                           # blocks 0 and 2: same seed, other data
+    batched = recon(*randomized_svd(A, 3, **rough, seed=seeds, backend=backend))
+    for g, seed in enumerate(seeds):
+        block = slice(2 * g, 2 * g + 2)
+        alone = recon(*randomized_svd(A[block], 3, **rough, seed=seed, backend=backend))
+        assert rel(batched[block], alone) <= tol, g
+    # Per block, not one generator for the batch: the int seed 11 draws another omega for the last block.
+    whole = recon(*randomized_svd(A, 3, **rough, seed=11, backend=backend))
+    assert rel(whole[4:], batched[4:]) > 1e-2
+    one = randomized_svd(A, 3, **rough, seed=[7], backend=backend)
+    ref = randomized_svd(A, 3, **rough, seed=7, backend=backend)
+    assert all(torch.equal(x, y) for x, y in zip(one, ref))
+    # The implicit centered batch takes the same seeds (one per task here).
+    thetas = list(A)
+    batched = recon(*randomized_svd(Centered(thetas, A[0]), 3, **rough, seed=list(range(6)), backend=backend))
+    alone = recon(*randomized_svd(Centered(thetas[3:4], A[0]), 3, **rough, seed=3, backend=backend))
+    assert rel(batched[3:4], alone) <= tol
+
+
+@pytest.mark.parametrize("seed, match", [([1, 2, 3, 4], "4 seeds do not split the batch of 6"),
+                                         ([], "at least one int"), ([1, 2.0], "only ints"), ([True], "only ints"),
+                                         ("12", "seed must be None, an int or a sequence"),
+                                         (1.5, "seed must be None, an int or a sequence")])
+def test_bad_seed(seed, match):
+    with pytest.raises(ValueError, match=match):
+        randomized_svd(torch.randn(6, 8, 5), 2, seed=seed, backend="reference")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     U, S, V = randomized_svd(torch.empty(0, 6, 5), 2, seed=0, backend=backend)
     assert U.shape == (0, 6, 2) and S.shape == (0, 2) and V.shape == (0, 5, 2)

@@ -1,4 +1,4 @@
-"""CART: centered task vectors + low-rank approximation (Choi et al. 2024, arXiv 2412.12153; SPEC §CART).
+"""CART: centered task vectors + low-rank approximation (Choi et al. 2024, arXiv 2412.12153; docs/METHODS.md §CART).
 
     theta_avg  = (1/T) sum_t theta_t
     tau_bar_t  = theta_t - theta_avg                     (sum_t tau_bar_t = 0)
@@ -24,10 +24,11 @@ lam default 2.0: the official 8-task ViT-B/32 config (14 tasks: 1.5, 20 tasks: 1
 SVD: svd="randomized" (default): pymerge.ops.randomized_svd (Halko-Martinsson-Tropp, l = k + oversample columns,
 power_iters q, seed; defaults oversample = max(10, k // 2), i.e. l = 1.5 k for k >= 20, and q = 2). Large keys go
 through the implicit Centered(thetas, avg) operator (the centered matrices are never materialised); keys small
-enough (T*m*n*4 bytes <= MATERIALIZE_BYTES) are centered explicitly and same-shape keys batched into one
-randomized_svd call. bf16/fp16 keys are centered explicitly in fp32 if pymerge.ops.Centered ever rounds theta_avg
-to the inputs' dtype (that rounding, ~eps*|theta_avg|, is as large as the centered task vectors of real
-fine-tunes; the current Centered keeps fp32).
+enough (T*m*n*4 bytes <= MATERIALIZE_BYTES) are centered explicitly. One randomized_svd call per key, seeded by
+key_seed(seed, key name): a key's merged value is bitwise the same whatever keys are merged with it
+(max_group_bytes, key order, subsets; tests/test_methods_seeding.py). bf16/fp16 keys are centered explicitly in
+fp32 if pymerge.ops.Centered ever rounds theta_avg to the inputs' dtype (that rounding, ~eps*|theta_avg|, is as
+large as the centered task vectors of real fine-tunes; the current Centered keeps fp32).
 Error: HMT 2011 (Thm 10.7/10.8, §9.4) bound the residual, E||A - Q Q^T A||_F <= (1 + k/(p-1))^(1/2)
 (sum_{j>k} sigma_j^2)^(1/2) at q = 0, the excess shrinking like (sigma_{k+1}/sigma_l)^(2q); the residual (kept
 energy) is then near-optimal. How close the rank-k part is to the exact truncation depends on the gap at k:
@@ -73,13 +74,12 @@ PRESETS = {
     # official CART (src/merging.py): ("attn" in key or "mlp" in key) and not ("ln" in key or "bias" in key)
     "vit": lambda key: ("attn" in key or "mlp" in key) and not ("ln" in key or "bias" in key),
 }
-# Keys whose T centered fp32 matrices take at most this many bytes are centered explicitly and batched with
-# same-shape keys (one randomized_svd call per batch of at most BATCH_BYTES); larger keys use Centered.
+# Keys whose T centered fp32 matrices take at most this many bytes are centered explicitly (one buffer per key,
+# one randomized_svd call per key); larger keys use Centered.
 # 32 MB: MiniLM-L6's 8 x 1536 x 384 keys (19 MB) are then materialised, and their 2q + 2 = 6 passes read an
 # L3-resident buffer instead of forming the centered blocks on every pass (benchmarks/methods_cart.py --quick,
 # 1 thread, 32 MB L3: 11.0x the official merge at 32 MB, 10.3x at the former 8 MB).
 MATERIALIZE_BYTES = 32 << 20
-BATCH_BYTES = 16 << 20
 
 
 def _check_ratio(name):
@@ -220,8 +220,8 @@ def _oversampling(oversample, k):
 
 
 def _randomized_factors(A, total_sq, m, n, k, energy, oversample, power_iters, seed, backend, exact_fallback):
-    """Rank-k (or energy) factors of A ([B, m, n] tensor or Centered) via pymerge.ops.randomized_svd.
-    oversample None = max(10, k // 2) (l = 1.5 k columns for k >= 20)."""
+    """Rank-k (or energy) factors of one key's T centered matrices A ([T, m, n] tensor or Centered) via
+    pymerge.ops.randomized_svd. oversample None = max(10, k // 2) (l = 1.5 k columns for k >= 20)."""
     if energy is None:
         return randomized_svd(A, k, oversample=_oversampling(oversample, k), power_iters=power_iters, seed=seed,
                               backend=backend)
@@ -237,7 +237,14 @@ def _randomized_factors(A, total_sq, m, n, k, energy, oversample, power_iters, s
 
 
 def _merge_low_rank_keys(keys, bases, models, p, acc):
-    """CART on selected same-shape keys. Returns {key: merged [*S] in acc}."""
+    """CART on selected same-shape keys, one key at a time. Returns {key: merged [*S] in acc}.
+
+    Each key is one randomized_svd call seeded by key_seed(seed, name), on buffers of its own: its result is
+    bitwise the same whatever other keys share its group (max_group_bytes, key order, subsets). Batching several
+    keys into one call would not keep that: LAPACK (MKL) rounds a matrix differently at another offset in a
+    batched buffer. The batching saved little: ~0.7 ms of dispatch per key on 64 x 64 keys, nothing measurable
+    on MiniLM-L6 (benchmarks/methods_cart.py --quick, 1 thread: 0.61-0.70 s batched, 0.62 s per key).
+    """
     shape = bases[0].shape
     m, n = matrix_shape(shape)
     T = len(models[0])
@@ -252,52 +259,39 @@ def _merge_low_rank_keys(keys, bases, models, p, acc):
         # pymerge.ops.Centered rounds theta_avg to the inputs' dtype; for bf16/fp16 that rounding error
         # (~eps * |theta_avg|) is of the order of the centered task vectors themselves. Center in fp32 instead.
         implicit = False
-    if not implicit:
-        # Materialised path: exact SVD per key, or same-shape small keys batched into one randomized_svd.
-        per_batch = 1 if p["svd"] == "exact" else max(1, BATCH_BYTES // max(1, per_key))
-        for i in range(0, len(keys), per_batch):
-            names = keys[i:i + per_batch]
-            # One [len(names) * T, m, n] buffer, each key's centered matrices written into its slice.
-            A = torch.empty(len(names) * T, m, n, dtype=acc, device=bases[0].device)
-            avgs = []
-            for j in range(len(names)):
-                avg = torch.empty(m, n, dtype=acc, device=bases[0].device)
-                center_task_vectors([t.reshape(m, n) for t in models[i + j]], backend=p["backend"],
-                                    out=(avg, A[j * T:(j + 1) * T]))
-                avgs.append(avg)
-            if p["svd"] == "exact":
-                U, S, V = _exact_factors(A, k, p["energy"])
-            else:
-                U, S, V = _randomized_factors(
-                    A, lambda: A.square().sum((-2, -1)), m, n, k, p["energy"], p["oversample"], p["power_iters"],
-                    key_seed(p["seed"], "\0".join(names)), p["backend"],
-                    lambda: _exact_factors(A, None, p["energy"]))
-            del A
-            for j, name in enumerate(names):
-                sl = slice(j * T, (j + 1) * T)
-                merged = low_rank_sum(U[sl].contiguous(), S[sl].contiguous(), V[sl].contiguous(), scale=p["lam"],
-                                      base=avgs[j], backend=p["backend"])
-                out[name] = merged.reshape(shape)
-        return out
-    # Implicit path: the T centered matrices of a large key are never materialised.
     for name, thetas in zip(keys, models):
         thetas2 = [t.reshape(m, n) for t in thetas]
-        avg = center_task_vectors(thetas2, out_dtype=acc, return_centered=False, backend=p["backend"])[0]
-        C = Centered(thetas2, avg)
+        if implicit:
+            # The T centered matrices of a large key are never materialised.
+            avg = center_task_vectors(thetas2, out_dtype=acc, return_centered=False, backend=p["backend"])[0]
+            A = Centered(thetas2, avg)
 
-        def total_sq():
-            return torch.stack([(t.to(acc) - avg).square().sum() for t in thetas2])
+            def total_sq():
+                return torch.stack([(t.to(acc) - avg).square().sum() for t in thetas2])
 
-        def exact():
-            cent = center_task_vectors(thetas2, out_dtype=acc, backend=p["backend"])[1]
-            return _exact_factors(cent, None, p["energy"])
+            def exact():
+                cent = center_task_vectors(thetas2, out_dtype=acc, backend=p["backend"])[1]
+                return _exact_factors(cent, None, p["energy"])
+        else:
+            avg = torch.empty(m, n, dtype=acc, device=bases[0].device)
+            A = torch.empty(T, m, n, dtype=acc, device=bases[0].device)
+            center_task_vectors(thetas2, backend=p["backend"], out=(avg, A))
 
-        U, S, V = _randomized_factors(C, total_sq, m, n, k, p["energy"], p["oversample"], p["power_iters"],
-                                      key_seed(p["seed"], name), p["backend"], exact)
+            def total_sq():
+                return A.square().sum((-2, -1))
+
+            def exact():
+                return _exact_factors(A, None, p["energy"])
+        if p["svd"] == "exact":
+            U, S, V = _exact_factors(A, k, p["energy"])
+        else:
+            U, S, V = _randomized_factors(A, total_sq, m, n, k, p["energy"], p["oversample"], p["power_iters"],
+                                          key_seed(p["seed"], name), p["backend"], exact)
+        del A
         merged = low_rank_sum(U.contiguous(), S.contiguous(), V.contiguous(), scale=p["lam"], base=avg,
                               backend=p["backend"])
         out[name] = merged.reshape(shape)
-        del U, S, V, C, avg
+        del U, S, V, avg
     return out
 
 

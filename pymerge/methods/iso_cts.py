@@ -1,5 +1,5 @@
 """Iso-CTS: isotropic merging in common and task-specific subspaces (Marczak et al., ICML 2025,
-arXiv 2502.04959; SPEC "Relatives"; official code danielm1405/iso-merging, FusionBench iso_cts).
+arXiv 2502.04959; docs/METHODS.md §Iso-CTS; official code danielm1405/iso-merging, FusionBench iso_cts).
 
 Per 2-D key (m x n, r = min(m, n)) with task vectors tau_t = theta_t - theta_0, t = 1..T:
 
@@ -87,8 +87,11 @@ def _top_svds(make, T, shape, k, acc, *, svd, oversample, power_iters, seed, key
             U, S, Vh = torch.linalg.svd(A, full_matrices=False)
             U, S, V = U[..., :k], S[..., :k], Vh[..., :k, :].mT
         else:
+            # One seed per task (key_seed(seed, key, t)): task t's test matrix is the same however the T
+            # matrices are split into batches.
             U, S, V = randomized_svd(A, k, oversample=oversample, power_iters=power_iters,
-                                     seed=key_seed(seed, f"{key}\0{start}", 1), backend=backend)
+                                     seed=[key_seed(seed, key, t) for t in range(start, start + A.shape[0])],
+                                     backend=backend)
         del A
         Us.append(U.to(acc))
         Ss.append(S.to(acc))

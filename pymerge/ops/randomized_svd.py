@@ -1,5 +1,5 @@
 """randomized_svd (Halko-Martinsson-Tropp), its implicit centered form, and low_rank_sum."""
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -56,19 +56,38 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _test_matrix(B, n, l, dtype, device, seed):
+def _block_seeds(seed, B, op):
+    """seed (None, an int, or a sequence of G ints with G dividing B) -> [(block length, int seed)]."""
+    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool)):
+        return [(B, torch.seed() if seed is None else int(seed))]
+    if isinstance(seed, (str, bytes)) or not hasattr(seed, "__len__"):
+        raise ValueError(f"{op}: seed must be None, an int or a sequence of ints, got {type(seed).__name__}")
+    seeds = list(seed)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(f"{op}: a seed sequence must hold at least one int and only ints, got {seeds[:8]}")
+    if B % len(seeds):
+        raise ValueError(f"{op}: {len(seeds)} seeds do not split the batch of {B} matrices into equal blocks")
+    return [(B // len(seeds), s) for s in seeds]
+
+
+def _test_matrix(B, n, l, dtype, device, seed, op="randomized_svd"):
     # Drawn on the CPU in float32 whatever the backend: a fixed seed gives the same omega everywhere. Stored as
     # [B, l, n] and handed over as its [B, n, l] transpose: the kernels keep their iterates transposed and use it
-    # in place (no copy of the largest operand they are given).
-    gen = torch.Generator()
-    gen.manual_seed(torch.seed() if seed is None else int(seed))
-    omega = torch.randn(B, l, n, generator=gen, dtype=torch.float32)
+    # in place (no copy of the largest operand they are given). Each block of the batch gets its own generator,
+    # so a block's omega is the one a call on that block alone with its seed draws.
+    omega = torch.empty(B, l, n, dtype=torch.float32)
+    start = 0
+    for length, block_seed in _block_seeds(seed, B, op):
+        gen = torch.Generator()
+        gen.manual_seed(block_seed)
+        torch.randn(length, l, n, generator=gen, dtype=torch.float32, out=omega[start:start + length])
+        start += length
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     return omega.to(device=device, dtype=acc).transpose(1, 2)
 
 
-def randomized_svd(A, k: int, oversample: int = 10, power_iters: int = 2, seed: Optional[int] = None, *,
-                   backend: str = "auto"):
+def randomized_svd(A, k: int, oversample: int = 10, power_iters: int = 2,
+                   seed: Union[None, int, Sequence[int]] = None, *, backend: str = "auto"):
     """Rank-k randomized SVD: A ~= U diag(S) V^T.
 
     A: Tensor [m, n], a batch [B, m, n], or Centered(thetas, avg) (the batch thetas[t] - avg, implicit);
@@ -80,7 +99,15 @@ def randomized_svd(A, k: int, oversample: int = 10, power_iters: int = 2, seed: 
     Returns U [.., m, k], S [.., k] (descending), V [.., n, k] in float32 (float64 for float64 input), batch dim
     kept iff the input had one. Deterministic for a fixed seed (bitwise on one backend and thread count); the
     test matrix omega is drawn on the CPU, so every backend sees the same one.
-    Raises ValueError for a non-float dtype, a wrong ndim, k outside [1, min(m, n)], or NaN / Inf in A.
+    seed: None (fresh randomness), an int (one generator draws omega for the whole batch), or a sequence of G
+    ints with G dividing B: the batch is G blocks of B / G consecutive matrices and block g's omega is drawn
+    from seed[g] exactly as a call on that block alone with seed=seed[g] draws it (e.g. one seed per task or
+    per key). Every batch element is computed on its own, so a block's U, S, V equal that call's up to
+    rounding, but not always bitwise: LAPACK (MKL outside its MKL_CBWR mode) rounds a matrix differently at
+    another 16-byte alignment inside the batched buffers. Callers that need bitwise per-key results call once
+    per key.
+    Raises ValueError for a non-float dtype, a wrong ndim, k outside [1, min(m, n)], NaN / Inf in A, or a seed
+    sequence that is empty, holds a non-int, or whose length does not divide B.
     """
     op = "randomized_svd"
     centered = isinstance(A, Centered)
@@ -116,7 +143,7 @@ def randomized_svd(A, k: int, oversample: int = 10, power_iters: int = 2, seed: 
         U, S, V = (torch.empty(0, m, k, dtype=acc, device=A.device), torch.empty(0, k, dtype=acc, device=A.device),
                    torch.empty(0, n, k, dtype=acc, device=A.device))
     else:
-        omega = _test_matrix(B, n, l, A.dtype, A.device, seed)
+        omega = _test_matrix(B, n, l, A.dtype, A.device, seed, op)
         U, S, V = _dispatch(be, A, omega, k, power_iters, centered)
     if not batched:
         U, S, V = U[0], S[0], V[0]
