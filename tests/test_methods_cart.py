@@ -1,4 +1,5 @@
-"""CART (SPEC §CART) against a direct float64 implementation written from SPEC (full SVD), plus its properties.
+"""CART (docs/METHODS.md §CART) against a direct float64 implementation written from it (full SVD), plus its
+properties.
 
 Tolerances: exact-SVD path 1e-5 relative to the float64 oracle (fp32 inputs, spectra with gaps so the rank-k
 truncation is well conditioned); float64 inputs 1e-10. Randomized path (defaults p = max(10, k // 2), q = 2; spectra
@@ -24,7 +25,7 @@ OPS_BACKENDS = method_backends("center_task_vectors", "randomized_svd", "randomi
 
 # ------------------------------------------------------------------------------------------------ the oracle
 def oracle_cart(base, models, lam, selected, rank_ratio=None, rank=None, energy=None):
-    """SPEC §CART in float64 with torch.linalg.svd per centered task vector (the official route)."""
+    """docs/METHODS.md §CART in float64 with torch.linalg.svd per centered task vector (the official route)."""
     T = len(models)
     out = collections.OrderedDict()
     for key, b in base.items():

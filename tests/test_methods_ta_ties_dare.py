@@ -1,5 +1,5 @@
-"""weight_average, task_arithmetic, ties, dare_linear, dare_ties against direct float64 implementations of SPEC
-("Relatives") written here, plus the issue's properties."""
+"""weight_average, task_arithmetic, ties, dare_linear, dare_ties against direct float64 implementations of
+docs/METHODS.md (§Weight averaging, §Task arithmetic, §TIES, §DARE) written here, plus the issue's properties."""
 import collections
 
 import pytest

@@ -1,11 +1,11 @@
-"""TSV-M, Iso-C and Iso-CTS (SPEC "Relatives") against direct float64 implementations written from SPEC (full
-torch.linalg.svd everywhere), plus their defining properties and errors.
+"""TSV-M, Iso-C and Iso-CTS (docs/METHODS.md §TSV-M, §Iso-C, §Iso-CTS) against direct float64 implementations
+written from it (full torch.linalg.svd everywhere), plus their defining properties and errors.
 
 Tolerances (relative Frobenius norm of the difference, divided by ||theta_ref - theta_0||, i.e. relative to the
 merged task vector and not to the much larger weights):
 - float64 inputs, exact path: 1e-9 (pymerge computes in float64 then).
-- float32 inputs, exact path: within max(4x the SPEC formula's own float32 error, 1e-5). The three methods
-  orthogonalise factors whose condition numbers reach 1e1..1e3 on such data, so the SPEC formula itself
+- float32 inputs, exact path: within max(4x the documented formula's own float32 error, 1e-5). The three methods
+  orthogonalise factors whose condition numbers reach 1e1..1e3 on such data, so the formula itself
   evaluated in float32 (what FusionBench does) lands 1e-6..1e-4 away from float64 (measured and printed by
   test_fp32_vs_formula_in_fp32); pymerge's float32 route must not be less accurate than that (it is within a
   few percent of it in practice).
@@ -47,7 +47,8 @@ def _polar(A):
 
 
 def oracle_tsv_m(b, thetas, alpha=1.0):
-    """SPEC TSV-M: per task top d = int(r/T) triplets, stacked, U and V orthogonalised by their polar factor."""
+    """docs/METHODS.md §TSV-M: per task top d = int(r/T) triplets, stacked, U and V orthogonalised by their polar
+    factor."""
     T, r = len(thetas), min(b.shape)
     d = r // T
     Us, ss, Vs = [], [], []
@@ -61,13 +62,13 @@ def oracle_tsv_m(b, thetas, alpha=1.0):
 
 
 def oracle_iso_c(b, thetas, alpha=1.5):
-    """SPEC Iso-C: SVD of sum_t tau_t, all singular values replaced by their mean."""
+    """docs/METHODS.md §Iso-C: SVD of sum_t tau_t, all singular values replaced by their mean."""
     U, s, Vh = _svd(sum(theta - b for theta in thetas))
     return b + alpha * s.mean() * U @ Vh
 
 
 def oracle_iso_cts(b, thetas, alpha=1.5, fraction=0.8):
-    """SPEC Iso-CTS with the official rounding of the common-space size."""
+    """docs/METHODS.md §Iso-CTS with the official rounding of the common-space size."""
     T, r = len(thetas), min(b.shape)
     k_c = int(r * fraction)
     k_c = r - round((r - k_c) / T) * T
@@ -119,7 +120,7 @@ def _models(m, n, T, seed, kind="gauss"):
     return b, [b + 0.5 * shared + _decaying(m, n, g) for _ in range(T)]
 
 
-# -------------------------------------------------------------------------------- agreement with SPEC
+# ---------------------------------------------------------------- agreement with docs/METHODS.md
 @settings(max_examples=12, deadline=None)
 @given(m=st.integers(6, 40), n=st.integers(6, 40), T=st.integers(1, 5), seed=st.integers(0, 2 ** 16),
        method=st.sampled_from(METHODS))
@@ -147,7 +148,7 @@ def test_exact_path_matches_spec_fp32(method, shape, T, backend):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_fp32_vs_formula_in_fp32(method):
-    """pymerge's float32 error stays within 4x of the SPEC formula's own float32 error (the inherent one)."""
+    """pymerge's float32 error stays within 4x of the documented formula's own float32 error (the inherent one)."""
     for seed, (shape, T) in enumerate([((40, 24), 3), ((32, 32), 4), ((24, 40), 3), ((64, 64), 8)]):
         for kind in ("gauss", "decaying"):
             b, thetas = _models(*shape, T, seed, kind)

@@ -1,6 +1,6 @@
 """DARE + task arithmetic (Yu et al. 2024, "Language Models are Super Mario"): drop and rescale, then TA.
 
-SPEC "Relatives": drop each entry of tau_t with probability p, rescale the survivors by 1/(1 - p); then
+docs/METHODS.md §DARE: drop each entry of tau_t with probability p, rescale the survivors by 1/(1 - p); then
 theta = theta_0 + lam * sum_t w_t dropped(tau_t) (TA's lam, default 0.3, and per-model weights).
 p = 0 is exactly task_arithmetic (same code path, bitwise equal).
 

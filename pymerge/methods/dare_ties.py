@@ -4,7 +4,7 @@ drop replaces it (as in mergekit's dare_ties). p = 0 is exactly ties with densit
 
 Randomness as in dare_linear (per key and task generators from the seed; reproducible for a seed).
 Deviations from mergekit 0.1.5 `dare_ties` (pinned in tests/test_methods_peers_mergekit.py): mergekit's default
-normalize=False sums the agreeing entries instead of averaging them (we follow SPEC's disjoint mean, i.e.
+normalize=False sums the agreeing entries instead of averaging them (we follow the disjoint mean of docs/METHODS.md §TIES, i.e.
 mergekit with normalize=True), and it rescales survivors to keep the L1 norm instead of by 1/(1 - p).
 """
 from typing import List

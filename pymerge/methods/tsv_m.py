@@ -1,4 +1,4 @@
-"""TSV-M: Task Singular Vectors merging (Gargiulo et al., CVPR 2025, arXiv 2412.00081; SPEC "Relatives").
+"""TSV-M: Task Singular Vectors merging (Gargiulo et al., CVPR 2025, arXiv 2412.00081; docs/METHODS.md §TSV-M).
 
 Per 2-D key ("matrix key", m x n, r = min(m, n)) with task vectors tau_t = theta_t - theta_0, t = 1..T:
 
