@@ -1,21 +1,26 @@
 """pymerge.merge: merge T fine-tuned state dicts that share one base, with any registered method.
 
-merge() does the bookkeeping every method shares (validation, key grouping, dtypes, output order); the
-math lives in pymerge/methods/<name>.py (a MethodSpec, see pymerge/methods/spec.py for the contract).
+merge() does the bookkeeping every method shares (validation, key grouping, dtypes, output order, the checks
+on the inputs' values); the math lives in pymerge/methods/<name>.py (a MethodSpec, see
+pymerge/methods/spec.py for the contract).
 """
+import re
+import warnings
 from collections import OrderedDict
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
 from . import methods as _methods
+from .dtypes import FLOAT_DTYPES
 from .methods.spec import KeyGroup, KeyInfo, MethodSpec
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Inputs (theta_0..theta_T) of one KeyGroup are at most this many bytes (a single larger key is a group of
 # its own). It bounds what a method may stack at once; same-shape keys beyond it go to the next group.
 DEFAULT_MAX_GROUP_BYTES = 512 << 20
+
+# LoRA factor keys as peft names them: `...lora_A.weight`, `...lora_B.default.weight`, `...lora_embedding_A`.
+LORA_FACTOR_KEY = re.compile(r"(?:^|\.)lora_(?:embedding_)?[AB](?:\.|$)")
 
 
 def key_info(state_dict, key) -> KeyInfo:
@@ -54,6 +59,17 @@ def _check_key_sets(base, models):
     return base_keys
 
 
+def _refuse_lora_factors(spec, keys):
+    """LoRA adapters are merged through their product: merging the A and B factors one by one is not merging
+    the adapters (B_1 A_1 + B_2 A_2 != (B_1 + B_2)(A_1 + A_2)), so no method may see them."""
+    lora = [k for k in keys if LORA_FACTOR_KEY.search(k)]
+    if lora:
+        raise ValueError(f"merge({spec.name}): key {lora[0]!r} is a LoRA factor ({len(lora)} lora_A/lora_B keys): "
+                         f"merging the A and B factors separately does not merge the adapters. Materialise each "
+                         f"adapter's update delta_W = B @ A (times its scaling alpha / r) onto the base weights "
+                         f"first and merge those full state dicts instead")
+
+
 def _plan_groups(keys, infos, T, max_group_bytes):
     """Float keys -> KeyGroup key lists: one bucket per (shape, dtype) in base order, split so that the
     inputs of a group stay within max_group_bytes."""
@@ -72,7 +88,8 @@ def _plan_groups(keys, infos, T, max_group_bytes):
 
 def merge(method: Union[str, MethodSpec], base: Mapping[str, torch.Tensor],
           models: Sequence[Mapping[str, torch.Tensor]], *, out_dtype: Optional[torch.dtype] = None,
-          max_group_bytes: int = DEFAULT_MAX_GROUP_BYTES, **params) -> "OrderedDict[str, torch.Tensor]":
+          max_group_bytes: int = DEFAULT_MAX_GROUP_BYTES, check_finite: bool = True,
+          **params) -> "OrderedDict[str, torch.Tensor]":
     """Merge fine-tuned models theta_1..theta_T that share the pretrained base theta_0.
 
     method: a name from pymerge.methods.available() or a MethodSpec. base: a state dict {key: Tensor}
@@ -84,10 +101,24 @@ def merge(method: Union[str, MethodSpec], base: Mapping[str, torch.Tensor],
     Float keys (fp16/bf16/fp32/fp64) are grouped by (shape, dtype) into KeyGroups of at most
     max_group_bytes of inputs and merged by the method in fp32 (fp64 for fp64 inputs). Non-float keys
     (integer/bool buffers such as position_ids or num_batches_tracked) are not merged: the base's value is
-    returned as is (no cast). Zero-element float keys are returned as the base's (empty) value.
+    returned as is (no cast), with a UserWarning naming the key and models where a model's value differs.
+    Zero-element float keys are returned as the base's (empty) value.
+    The merge runs under torch.no_grad(): inputs may require grad (dict(model.named_parameters())), the
+    returned tensors never do.
+
+    check_finite: True (default) raises ValueError when a float key of the base or of models[t] holds NaN or
+    +-Inf (naming the key, base / models[t], the counts and the first position), and when a merged key comes
+    out non-finite although its inputs are finite (an overflow, e.g. of a float16 output). False skips both
+    checks: non-finite values then propagate as each method's arithmetic makes them (the SVD-based methods
+    may raise torch's own errors instead). The check reads every input once more (one sum per tensor),
+    except for methods whose output provably turns non-finite with any non-finite input
+    (MethodSpec.nonfinite_propagates: only their output is checked, and the inputs on a failure).
+
     Returns an OrderedDict in the base's key order; float keys in out_dtype if given, else in their input
     dtype. Raises ValueError naming the offending keys/shapes for: T = 0, different key sets, shape, dtype
-    or device mismatches between base and models, non-tensor values, bad parameters.
+    or device mismatches between base and models, non-tensor values, tensors on the meta device (no values
+    to merge; there is no shape-only plan), LoRA factor keys (lora_A / lora_B), non-finite values (above),
+    bad parameters.
     """
     spec = _methods.get(method) if isinstance(method, str) else method
     if not isinstance(spec, MethodSpec):
@@ -102,7 +133,10 @@ def merge(method: Union[str, MethodSpec], base: Mapping[str, torch.Tensor],
         raise ValueError(f"merge({spec.name}): out_dtype {out_dtype} is not one of {FLOAT_DTYPES}")
     if max_group_bytes <= 0:
         raise ValueError(f"merge({spec.name}): max_group_bytes must be > 0, got {max_group_bytes}")
+    if not isinstance(check_finite, bool):
+        raise ValueError(f"merge({spec.name}): check_finite must be True or False, got {check_finite!r}")
     keys = _check_key_sets(base, models)
+    _refuse_lora_factors(spec, keys)
     params = spec.resolve_params(params, T)
 
     infos, float_keys, passthrough = {}, [], []
@@ -125,22 +159,30 @@ def merge(method: Union[str, MethodSpec], base: Mapping[str, torch.Tensor],
     if spec.prepare is not None:
         params = spec.prepare(params, {k: infos[k] for k in float_keys})
 
-    merged = {}
-    for key in passthrough:
-        value = base[key]
-        merged[key] = value.to(out_dtype) if out_dtype is not None and value.dtype in FLOAT_DTYPES else value
-    for group_keys in _plan_groups(float_keys, infos, T, max_group_bytes):
-        group = _load_group(spec, group_keys, base, models)
-        outputs = spec.merge_group(group, **params)
-        if len(outputs) != len(group_keys):
-            raise RuntimeError(f"merge({spec.name}): merge_group returned {len(outputs)} tensors for "
-                               f"{len(group_keys)} keys")
-        for key, out in zip(group_keys, outputs):
-            if out.shape != infos[key].shape:
-                raise RuntimeError(f"merge({spec.name}): merged key {key!r} has shape {tuple(out.shape)}, "
-                                   f"expected {tuple(infos[key].shape)}")
-            merged[key] = out.to(out_dtype or infos[key].dtype)
-        del group, outputs
+    # Merging never builds an autograd graph, whatever the inputs require.
+    with torch.no_grad():
+        merged = {}
+        for key in passthrough:
+            value = _passthrough_value(spec, key, base, models)
+            merged[key] = value.to(out_dtype) if out_dtype is not None and value.dtype in FLOAT_DTYPES else value
+        for group_keys in _plan_groups(float_keys, infos, T, max_group_bytes):
+            group = _load_group(spec, group_keys, base, models)
+            if check_finite and not spec.nonfinite_propagates:
+                _check_inputs_finite(spec, group)
+            outputs = spec.merge_group(group, **params)
+            if len(outputs) != len(group_keys):
+                raise RuntimeError(f"merge({spec.name}): merge_group returned {len(outputs)} tensors for "
+                                   f"{len(group_keys)} keys")
+            results = []
+            for key, out in zip(group_keys, outputs):
+                if out.shape != infos[key].shape:
+                    raise RuntimeError(f"merge({spec.name}): merged key {key!r} has shape {tuple(out.shape)}, "
+                                       f"expected {tuple(infos[key].shape)}")
+                results.append(out.to(out_dtype or infos[key].dtype))
+            if check_finite:
+                _check_outputs_finite(spec, group, results)
+            merged.update(zip(group_keys, results))
+            del group, outputs, results
     return OrderedDict((key, merged[key]) for key in keys)
 
 
@@ -151,11 +193,35 @@ def _numel(shape):
     return n
 
 
+def _fetch(spec, state_dict, key, where):
+    """state_dict[key], refused when it lives on the meta device (a shape without values)."""
+    value = state_dict[key]
+    if value.is_meta:
+        raise ValueError(f"merge({spec.name}): key {key!r} of {where} is on the meta device (a shape without "
+                         f"values); load the weights before merging (merge has no shape-only mode)")
+    return value
+
+
+def _passthrough_value(spec, key, base, models):
+    """The base's value of a key merge() does not merge, with a warning when a model's non-float value differs
+    (its own value is dropped)."""
+    value = _fetch(spec, base, key, "base").detach()
+    if value.dtype in FLOAT_DTYPES or value.numel() == 0:
+        return value
+    differ = [t for t, sd in enumerate(models)
+              if not torch.equal(value, _fetch(spec, sd, key, f"models[{t}]").to(value.device))]
+    if differ:
+        warnings.warn(f"merge({spec.name}): non-float key {key!r} ({value.dtype}) differs from the base's in "
+                      f"{', '.join(f'models[{t}]' for t in differ)}; non-float keys are not merged, the base's "
+                      f"value is kept", UserWarning, stacklevel=3)
+    return value
+
+
 def _load_group(spec, keys, base, models):
     bases, groups = [], []
     for key in keys:
-        b = base[key]
-        thetas = [sd[key] for sd in models]
+        b = _fetch(spec, base, key, "base")
+        thetas = [_fetch(spec, sd, key, f"models[{t}]") for t, sd in enumerate(models)]
         for t, theta in enumerate(thetas):
             if theta.device != b.device:
                 raise ValueError(f"merge({spec.name}): key {key!r} is on {theta.device} in models[{t}] but on "
@@ -163,3 +229,45 @@ def _load_group(spec, keys, base, models):
         bases.append(b)
         groups.append(thetas)
     return KeyGroup(keys=list(keys), base=bases, models=groups)
+
+
+def _nonfinite_at(tensors):
+    """Indices of the tensors (same dtype and device) holding NaN or +-Inf.
+
+    One sum per tensor (a read pass without temporaries: NaN/Inf make it non-finite); only a tensor whose sum
+    is non-finite gets the exact isfinite() pass, since finite entries can overflow their sum."""
+    sums = torch.stack([x.sum() for x in tensors])
+    suspects = torch.isfinite(sums).logical_not_().nonzero().reshape(-1).tolist()
+    return [i for i in suspects if not bool(torch.isfinite(tensors[i]).all())]
+
+
+def _describe_nonfinite(x):
+    bad = torch.isfinite(x).logical_not_()
+    n_nan = int(torch.isnan(x).sum())
+    first = bad.nonzero()[0].tolist()
+    return f"{n_nan} NaN and {int(bad.sum()) - n_nan} +-Inf of its {x.numel()} entries (the first at index {first})"
+
+
+def _check_inputs_finite(spec, group):
+    """ValueError naming the first key of the group and base / models[t] that holds NaN or +-Inf."""
+    T = group.num_models
+    tensors = [x for b, thetas in zip(group.base, group.models) for x in (b, *thetas)]
+    bad = _nonfinite_at(tensors)
+    if bad:
+        i, j = divmod(bad[0], T + 1)
+        where = "base" if j == 0 else f"models[{j - 1}]"
+        raise ValueError(f"merge({spec.name}): key {group.keys[i]!r} of {where} holds "
+                         f"{_describe_nonfinite(tensors[bad[0]])}; repair or drop that model "
+                         f"(check_finite=False lets non-finite values through)")
+
+
+def _check_outputs_finite(spec, group, results):
+    """A non-finite merged key: its non-finite input when there is one (methods that propagate non-finite
+    values skip the input check), else an overflow of the computation or of the output dtype."""
+    bad = _nonfinite_at(results)
+    if bad:
+        _check_inputs_finite(spec, group)
+        key, out = group.keys[bad[0]], results[bad[0]]
+        raise ValueError(f"merge({spec.name}): merged key {key!r} holds {_describe_nonfinite(out)} although "
+                         f"every input is finite: an overflow of {out.dtype}; use smaller scaling parameters or a "
+                         f"wider out_dtype")

@@ -1,4 +1,5 @@
-"""Iso-C: isotropic merging in the common subspace (Marczak et al., ICML 2025, arXiv 2502.04959; SPEC "Relatives").
+"""Iso-C: isotropic merging in the common subspace (Marczak et al., ICML 2025, arXiv 2502.04959; docs/METHODS.md
+§Iso-C).
 
 Per 2-D key (m x n, r = min(m, n)) with task vectors tau_t = theta_t - theta_0:
 
@@ -7,8 +8,8 @@ Per 2-D key (m x n, r = min(m, n)) with task vectors tau_t = theta_t - theta_0:
 
 i.e. the task-arithmetic sum with its spectrum flattened to the mean singular value. Non-matrix keys (not 2-D,
 or 2-D keys matching exclude_keys): theta_0 + alpha * mean_t tau_t (official code / FusionBench). alpha default
-1.5: FusionBench's documented setting for 8 CLIP ViT-B/32 and ViT-L/14 tasks, SPEC's "typical" value (the
-official repository tunes alpha on validation data).
+1.5: FusionBench's documented setting for 8 CLIP ViT-B/32 and ViT-L/14 tasks (its shipped config has 1.0; the
+official repository tunes alpha on validation data; docs/METHODS.md §Iso-C).
 
 Cheapest route: Iso-C needs only the polar factor U V^T of M and sigma_bar (nuclear norm / r) -- never U, V or
 the spectrum themselves. Every direction of the range gets the same weight, so no low-rank or randomized

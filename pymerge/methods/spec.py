@@ -12,11 +12,12 @@ Contract between pymerge.merge and a method (pymerge/methods/<name>.py defines S
    (possibly with derived entries, e.g. the set of keys selected for low rank) and raises ValueError for
    problems that need the whole model (a key pattern matching nothing, a rank too large for a key).
 3. For each KeyGroup (keys of one shape and dtype, at most a bounded number of bytes), merge() calls
-   ``spec.merge_group(group, **params)``, which returns one merged tensor per key of the group, in float32
-   (float64 for float64 inputs); merge() casts them to the output dtype. merge_group must not modify its
-   inputs and must not depend on which other keys share its group except through batching (results may
-   differ by floating-point rounding only; randomized methods derive their randomness from the seed and the
-   key names, see ``key_seed``).
+   ``spec.merge_group(group, **params)`` under torch.no_grad(), with inputs it has checked to be finite (unless
+   the spec sets ``nonfinite_propagates`` or the caller passed check_finite=False); merge_group returns one
+   merged tensor per key of the group, in float32 (float64 for float64 inputs); merge() casts them to the
+   output dtype. merge_group must not modify its inputs and must not depend on which other keys share its
+   group except through batching (results may differ by floating-point rounding only; randomized methods
+   derive their randomness from the seed and the key names, see ``key_seed``).
 """
 import zlib
 from dataclasses import dataclass, field
@@ -102,12 +103,17 @@ class MethodSpec:
     """A registered merging method. merge_group(group: KeyGroup, **params) -> list of merged tensors, one
     per key of the group, computed in fp32 (fp64 for fp64 inputs); pymerge.merge casts them to the output dtype.
     prepare(params, keys: {name: KeyInfo}) -> params: optional whole-model check/planning step (see module doc).
+    nonfinite_propagates: a promise that a NaN/Inf entry of any input the method reads makes the merged key
+    non-finite, for every parameter value (a linear combination of FMAs that skips no term: 0 * NaN = NaN).
+    pymerge.merge then checks only the T + 1 times smaller output for finiteness, and the inputs when that
+    fails; otherwise it checks the inputs before merge_group. tests/test_merge_fuzz.py holds every method to it.
     """
     name: str
     description: str
     merge_group: Callable[..., List[torch.Tensor]]
     params: Sequence[Param] = field(default_factory=tuple)
     prepare: Optional[Callable[[dict, Dict[str, KeyInfo]], dict]] = None
+    nonfinite_propagates: bool = False
 
     def resolve_params(self, given: dict, num_models: int) -> dict:
         """Defaults filled in, names and values checked; per-model values expanded to lists of length T."""
@@ -135,7 +141,13 @@ class MethodSpec:
     def _check_value(self, p: Param, value):
         if p.choices is not None and value not in p.choices:
             raise ValueError(f"{self.name}: {p.name} = {value!r}; expected one of {list(p.choices)}")
-        if p.check is not None and value is not None:
+        if value is None:
+            # None means something only for a parameter whose default is None, and for a seed (key_seed(None)
+            # draws fresh randomness); anywhere else it would reach the method's arithmetic.
+            if p.default is None or p.name == "seed":
+                return
+            raise ValueError(f"{self.name}: {p.name} = None; pass a value (default {p.default!r})")
+        if p.check is not None:
             msg = p.check(value)
             if msg:
                 raise ValueError(f"{self.name}: {p.name} = {value!r}: {msg}")

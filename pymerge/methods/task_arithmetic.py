@@ -1,8 +1,8 @@
 """Task arithmetic (Ilharco et al. 2023): theta = theta_0 + lam * sum_t w_t tau_t, tau_t = theta_t - theta_0.
 
-SPEC "Relatives": theta_0 + lam sum_t tau_t, lam default 0.3. Per-model weights w_t (default 1) multiply
-each task vector, as mergekit's task_arithmetic does (mergekit has no separate lam: its `lambda` = our lam,
-its per-model `weight` = our weights, normalize=False). lam = 1/T with unit weights is weight averaging.
+docs/METHODS.md §Task arithmetic: theta_0 + lam sum_t tau_t, lam default 0.3. Per-model weights w_t (default 1)
+multiply each task vector, as mergekit's task_arithmetic does (mergekit has no separate lam: its `lambda` = our
+lam, its per-model `weight` = our weights, normalize=False). lam = 1/T with unit weights is weight averaging.
 """
 from typing import List
 
@@ -32,6 +32,8 @@ SPEC = MethodSpec(
     name="task_arithmetic",
     description="theta_0 + lam * sum_t w_t (theta_t - theta_0)",
     merge_group=merge_group,
+    # One fused weighted sum (center_task_vectors) over every input: NaN/Inf always reach the output.
+    nonfinite_propagates=True,
     params=(
         Param("lam", 0.3, "scaling of the summed task vectors (searched on validation data in the papers)",
               check=_finite),

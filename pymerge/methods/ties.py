@@ -1,6 +1,6 @@
 """TIES merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
 
-SPEC "Relatives": per task keep the top-density fraction (default 0.2) of |tau_t| entries; elected sign per
+docs/METHODS.md §TIES: per task keep the top-density fraction (default 0.2) of |tau_t| entries; elected sign per
 entry = sign(sum_t trimmed tau_t); disjoint mean over the entries agreeing with the elected sign;
 theta = theta_0 + lam * merged (lam default 1.0).
 
@@ -11,8 +11,8 @@ Conventions (chosen to match mergekit 0.1.5's `ties`, checked in tests/test_meth
   arbitrarily; the TIES authors' kthvalue code keeps all of them). density = 1 keeps everything.
 - Per-model weights w_t multiply the trimmed task vectors before the sign election; the disjoint mean is
   weighted: sum_t w_t tau_t [agree] / sum_t w_t [agree] (mergekit's normalize=True; with unit weights this is
-  the plain disjoint mean of SPEC). peft's `ties` instead divides by the count of agreeing entries; the two
-  agree for unit weights.
+  the plain disjoint mean of docs/METHODS.md §TIES). peft's `ties` instead divides by the count of agreeing
+  entries; the two agree for unit weights.
 - An entry whose trimmed sum is exactly 0 elects the + sign (mergekit: sign_weight >= 0); zero entries
   never agree with either sign; an entry where no task agrees stays at theta_0.
 
@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .spec import KeyGroup, MethodSpec, Param
-from .weight_average import _finite
+from .weight_average import _finite, weight_scale
 
 # Elements of one key processed per step (per task): T * CHUNK * 4 bytes of fp32 scratch (2 MiB at T = 8), so
 # the ~10 elementwise passes of a step run in cache rather than at memory bandwidth.
@@ -98,7 +98,9 @@ class MagnitudeTrim:
         for t, (theta, d) in enumerate(zip(thetas_flat, densities)):
             if d >= 1.0:
                 continue
-            a = theta.to(acc, copy=True).sub_(base32).abs_()   # copy: never write into the caller's tensor
+            # A fresh buffer: never the caller's tensor, and dense with stride 1 (kth_largest views its bits; a
+            # strided copy would keep e.g. a one-element view's stride 2).
+            a = theta.to(acc, copy=True, memory_format=torch.contiguous_format).sub_(base32).abs_()
             k = keep_count(d, n)
             thr, n_greater, n_equal, tied_at = kth_largest(a, k)
             del a
@@ -145,8 +147,14 @@ def sign_consensus_merge(base: torch.Tensor, thetas: Sequence[torch.Tensor], wei
     trim = MagnitudeTrim(b, ts, densities, acc) if densities is not None else None
     if trim is not None and not trim.active:
         trim = None
-    unit = all(float(x) == 1.0 for x in weights)
-    w = torch.tensor([float(x) for x in weights], dtype=acc, device=base.device)
+    # Equal positive weights elect the same signs and give the same disjoint mean as unit weights; the unit path
+    # keeps an exactly zero sum_t tau_t exactly zero (w * tau rounded in acc could tip it either way).
+    unit = len({float(x) for x in weights}) == 1 and float(weights[0]) > 0
+    # The elected sign and the weighted disjoint mean do not change when every w_t is scaled by one c > 0: the
+    # exact rescaling keeps weights such as 1e-40 or 1e39 from under- or overflowing acc (weights in a usual range
+    # are left as they are).
+    scale = weight_scale(weights)
+    w = torch.tensor([float(x) / scale for x in weights], dtype=acc, device=base.device)
     out = torch.empty(n, dtype=acc, device=base.device)
     step = max(1, CHUNK)
     tau = torch.empty(T, min(step, n), dtype=acc, device=base.device)
