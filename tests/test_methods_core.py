@@ -188,10 +188,12 @@ def test_bad_out_dtype_and_group_bytes():
 @pytest.mark.parametrize("name", MINE)
 def test_order_passthrough_and_inputs_untouched(name):
     base, models = _family()
-    # Non-float buffers keep the base's value even where a model's differs (documented in merge()).
+    # Non-float buffers keep the base's value even where a model's differs, with a warning naming the key and
+    # the model (documented in merge()).
     models[1]["position_ids"] = torch.arange(7) + 5
     snapshot = [{k: v.clone() for k, v in sd.items()} for sd in (base, *models)]
-    out = pymerge.merge(name, base, models, **_with_backend(name, "reference"))
+    with pytest.warns(UserWarning, match=r"'position_ids' .* differs from the base's in models\[1\];"):
+        out = pymerge.merge(name, base, models, **_with_backend(name, "reference"))
     assert list(out) == list(base)
     assert torch.equal(out["position_ids"], base["position_ids"]) and out["position_ids"].dtype == torch.int64
     for k in base:
