@@ -55,7 +55,7 @@ setup(
     version="0.1.0",
     description="Fast model merging: CART, DivMerge and their relatives over fused CPU/CUDA/Triton kernels",
     python_requires=">=3.10",
-    packages=["pymerge", "pymerge.ops", "pymerge.methods", "pymerge.kernels"],
+    packages=["pymerge", "pymerge.ops", "pymerge.methods", "pymerge.learn", "pymerge.teachers", "pymerge.kernels"],
     package_dir={"pymerge": "pymerge", "pymerge.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

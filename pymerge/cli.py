@@ -19,6 +19,10 @@ written into a temporary sibling directory that is then renamed. It holds the me
 tokenizer) and <method>.json (the learned Γ per task and group, the loss curve, the options); for
 classification with task-specific heads, one complete model per task in OUT/<NAME>/.
 DivMerge's teacher outputs are cached on disk (--cache-dir, default $PYMERGE_CACHE or ~/.cache/pymerge).
+
+One file of ~580 lines on purpose: it is one flow read top to bottom (inputs checked, models loaded, the
+method run, the output published, then the commands and the parser that chain them), none of it is imported
+by the rest of pymerge, and its sections share the CLIError convention.
 """
 import argparse
 import codecs
@@ -33,7 +37,6 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-KINDS = ("auto", "classification", "causal-lm")
 
 
 class CLIError(Exception):
@@ -123,15 +126,15 @@ def _architectures(config):
     return [str(a) for a in archs] if isinstance(archs, list) else [str(archs)]
 
 
-def infer_kind(base, models):
+def kind_from_configs(base, models):
     """(kind, flag of the directory that told it): classification or causal-lm, from the config.json
-    architectures of the fine-tuned models (then the base)."""
-    from .methods.divmerge import kind_of_architecture
+    architectures of the fine-tuned models (then the base), as pymerge.methods.divmerge.infer_kind reads them
+    from modules."""
+    from .methods.divmerge import kind_of_architectures
     for flag, path in [*((f"--model {n}={p}", p) for n, p in models.items()), (f"--base {base}", base)]:
-        for arch in _architectures(_config(path)):
-            kind = kind_of_architecture(arch)
-            if kind is not None:
-                return kind, flag
+        kind = kind_of_architectures(_architectures(_config(path)))
+        if kind is not None:
+            return kind, flag
     raise CLIError("cannot tell the model kind from config.json 'architectures'; pass --kind classification "
                    "or --kind causal-lm")
 
@@ -356,11 +359,11 @@ def _task_inputs(args, limit, kind, source):
     _check_options(args)
     out = _prepare_out(args.out, args.overwrite)
     if not getattr(args, "no_cache", True):  # divmerge's teacher cache (adamerging has none)
-        from .teachers import cache_dir
+        from .teachers.cache import cache_dir
         _check_writable(cache_dir(args.cache_dir), "--cache-dir", cache_dir(args.cache_dir))
     device = check_device(args.device)
     if kind == "auto":
-        kind, flag = infer_kind(base, models)
+        kind, flag = kind_from_configs(base, models)
         source = f"--kind auto: {kind} from {flag}"
     check_kind(kind, base, models, source)
     texts = {name: read_jsonl_texts(path, limit) for name, path in data.items()}
@@ -539,7 +542,7 @@ def build_parser():
                                  steps="none: --epochs", batch_size="4*T",
                                  examples_per_task="{task} task level, {layer} layer level"
                                  .format(**dm.EXAMPLES_PER_TASK)))
-    d.add_argument("--kind", choices=KINDS, default="auto", help="model kind (default: from config.json)")
+    d.add_argument("--kind", choices=dm.KINDS, default="auto", help="model kind (default: from config.json)")
     d.add_argument("--divergence", choices=("js", "kl"), default="js")
     d.add_argument("--max-new-tokens", type=int, default=dm.CAUSAL_LM_DEFAULTS["max_new_tokens"],
                    help="causal LM: teacher continuation length")

@@ -7,11 +7,9 @@ import math
 
 import torch
 
+from .dtypes import accumulation_dtype
+
 JS, KL, ENTROPY = 0, 1, 2
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------- center
@@ -22,7 +20,7 @@ def center_task_vectors(thetas, weights, out_dtype=None, centered=True):
     centered [T, *S] or an empty tensor when centered=False), in out_dtype (default: the inputs' dtype).
     """
     dtype = thetas[0].dtype
-    acc = _acc_dtype(dtype)
+    acc = accumulation_dtype(dtype)
     out_dtype = out_dtype or dtype
     w = weights.to(acc)
     avg = torch.zeros(thetas[0].shape, dtype=acc, device=thetas[0].device)
@@ -45,7 +43,7 @@ def randomized_svd(A, omega, k, power_iters):
     A: [B, m, n]; omega: [B, n, l] with k <= l <= min(m, n). Returns U [B, m, k], S [B, k], V [B, n, k]
     (float32, or float64 for float64 A) with A[b] ~= U[b] diag(S[b]) V[b]^T.
     """
-    acc = _acc_dtype(A.dtype)
+    acc = accumulation_dtype(A.dtype)
     A = A.to(acc)
     Q = _orthonormal_basis(A @ omega.to(acc))
     for _ in range(power_iters):
@@ -58,14 +56,14 @@ def randomized_svd(A, omega, k, power_iters):
 
 def randomized_svd_centered(thetas, avg, omega, k, power_iters):
     """randomized_svd of the batch A[t] = thetas[t] - avg (materialised here; kernels never do)."""
-    acc = _acc_dtype(thetas[0].dtype)
+    acc = accumulation_dtype(thetas[0].dtype)
     A = torch.stack([theta.to(acc) - avg.to(acc) for theta in thetas])
     return randomized_svd(A, omega, k, power_iters)
 
 
 def low_rank_sum(U, S, V, scale, base=None):
     """base + scale * sum_b U[b] diag(S[b]) V[b]^T. U [B, m, k], S [B, k], V [B, n, k]; base [m, n] or None."""
-    acc = _acc_dtype(U.dtype)
+    acc = accumulation_dtype(U.dtype)
     total = torch.einsum("bmk,bk,bnk->mn", U.to(acc), S.to(acc), V.to(acc)) * scale
     if base is not None:
         total = base.to(acc) + total
@@ -88,7 +86,7 @@ def divergence(student, teacher, mask, kind, beta, temperature, teacher_is_logit
     teacher_is_logits=False: teacher rows are log-probabilities used as given (no temperature, no renorm).
     Differentiable w.r.t. student via autograd. Masked-out rows (mask False) give 0.
     """
-    acc = _acc_dtype(student.dtype)
+    acc = accumulation_dtype(student.dtype)
     logq = torch.log_softmax(student.to(acc) / temperature, dim=-1)
     q = logq.exp()
     if kind == ENTROPY:

@@ -1,4 +1,4 @@
-"""AdaMerging on the pymerge.learned machinery: entropy objective, clamp, official defaults, errors."""
+"""AdaMerging on the pymerge.learn machinery: entropy objective, clamp, official defaults, errors."""
 import importlib.metadata
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import yaml
 
 import pymerge
-from pymerge import learned
+from pymerge import learn
 from pymerge.methods import adamerging as ada
 
 from test_divmerge import TokenNet, finetunes, one_thread, token_data  # noqa: F401 (one_thread: autouse)
@@ -24,7 +24,7 @@ def mean_entropy(result, models, data):
     for t, name in enumerate(result.tasks):
         m = TokenNet(models[t].head.out_features).to(models[t].head.weight.dtype)
         m.load_state_dict(result.task_state_dicts[name])
-        batch = learned.collate(learned.collect_examples(data[t]))
+        batch = learn.collate(learn.collect_examples(data[t]))
         with torch.no_grad():
             total += float(pymerge.ops.entropy(m(**batch)["logits"], backend="reference"))
     return total
@@ -76,11 +76,11 @@ def test_defaults_follow_the_official_settings():
 @pytest.mark.parametrize("granularity", ["task", "layer"])
 def test_entropy_gradient_matches_finite_differences(granularity):
     base, models, data = setup()
-    examples = [learned.collect_examples(d, limit=6) for d in data]
-    merged = learned.MergedModel.build(base, models, task_specific_keys=r"^head\.", granularity=granularity)
+    examples = [learn.collect_examples(d, limit=6) for d in data]
+    merged = learn.MergedModel.build(base, models, task_specific_keys=r"^head\.", granularity=granularity)
     assert merged.verify([ex[:2] for ex in examples]) == {"gathered": True, "batched": True}
-    tasks = [learned.TaskExamples(str(t), ex) for t, ex in enumerate(examples)]
-    opt = learned.CoefficientOptimizer(merged, tasks, ada.EntropyObjective(backend="reference"))
+    tasks = [learn.TaskExamples(str(t), ex) for t, ex in enumerate(examples)]
+    opt = learn.CoefficientOptimizer(merged, tasks, ada.EntropyObjective(backend="reference"))
     g = torch.Generator().manual_seed(1)
     gamma0 = torch.rand(merged.gamma.shape, generator=g, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda gam: opt.loss(gamma=gam), (gamma0,), eps=1e-6, atol=1e-7, rtol=1e-5)

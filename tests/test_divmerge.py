@@ -1,4 +1,4 @@
-"""DivMerge and the learned-coefficient machinery (pymerge.learned): gradients, recovery, starts, errors."""
+"""DivMerge and the learned-coefficient machinery (pymerge.learn): gradients, recovery, starts, errors."""
 import copy
 import json
 import math
@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 import pymerge
-from pymerge import learned
+from pymerge import learn, teachers
 from pymerge.methods.divmerge import DivergenceObjective
+from pymerge.methods.learned_starts import learned_start
 
 
 @pytest.fixture(autouse=True)
@@ -96,17 +97,17 @@ def make_problem(T=2, granularity="layer", divergence="js", dtype=torch.float64,
     base = TokenNet().to(dtype)
     models = finetunes(base, T, seed=seed, dtype=dtype)
     data = token_data(T)
-    examples = [learned.collect_examples(d, f"t{t}") for t, d in enumerate(data)]
+    examples = [learn.collect_examples(d, f"t{t}") for t, d in enumerate(data)]
     objective = DivergenceObjective(divergence, backend="reference")
     targets = [None] * T
 
     def on_model(t, module):
-        targets[t] = learned.teacher_targets(module, examples[t], objective, t)
-    merged = learned.MergedModel.build(base, models, task_specific_keys=r"^head\.", granularity=granularity,
+        targets[t] = teachers.teacher_targets(module, examples[t], objective, t)
+    merged = learn.MergedModel.build(base, models, task_specific_keys=r"^head\.", granularity=granularity,
                                        gather_embeddings=gather, batch_tasks=batch, on_model=on_model, **build)
     merged.verify([ex[:2] for ex in examples])
-    tasks = [learned.TaskExamples(f"t{t}", examples[t], targets[t]) for t in range(T)]
-    opt = learned.CoefficientOptimizer(merged, tasks, objective, lr=1e-2)
+    tasks = [learn.TaskExamples(f"t{t}", examples[t], targets[t]) for t in range(T)]
+    opt = learn.CoefficientOptimizer(merged, tasks, objective, lr=1e-2)
     return base, models, merged, opt
 
 
@@ -247,7 +248,7 @@ def test_disjoint_task_vectors_recover_gamma_one_one(granularity):
 
 # ----------------------------------------------------------------------------------------- starting points
 def test_cart_start_centered_low_rank():
-    base, models, merged, _ = make_problem(T=3, start="cart", cart_rank_ratio=0.34, gather=False)
+    base, models, merged, _ = make_problem(T=3, start=learned_start("cart", cart_rank_ratio=0.34), gather=False)
     b = base.state_dict()
     thetas = [m.state_dict() for m in models]
     zero = torch.zeros(merged.gamma.shape, dtype=torch.float64)
@@ -257,13 +258,13 @@ def test_cart_start_centered_low_rank():
             torch.testing.assert_close(shared[k], sum(th[k] for th in thetas) / 3)
     k = "body.0.weight"  # 6x6: rank max(1, int(0.34 * 6)) = 2
     for t in range(3):
-        delta = merged._delta_of(k, t)
+        delta = merged.delta_of(k, t)
         assert torch.linalg.matrix_rank(delta, atol=1e-10) <= 2
         centered = thetas[t][k] - sum(th[k] for th in thetas) / 3
         U, S, Vh = torch.linalg.svd(centered)
         torch.testing.assert_close(delta, (U[:, :2] * S[:2]) @ Vh[:2])
     # Full rank: Gamma = e_t gives theta_avg + (theta_t - theta_avg) = theta_t.
-    _, _, full, _ = make_problem(T=3, start="cart", cart_rank_ratio=1.0)
+    _, _, full, _ = make_problem(T=3, start=learned_start("cart", cart_rank_ratio=1.0))
     for t in range(3):
         e = torch.zeros(full.gamma.shape, dtype=torch.float64)
         e[:, t] = 1
@@ -373,14 +374,14 @@ def test_verify_switches_off_gathering_when_weight_is_read_elsewhere():
     torch.manual_seed(0)
     base = Projecting().double()
     models = perturbed_copies(base, 2, 0.3)
-    examples = [learned.collect_examples(d) for d in token_data(2)]
-    merged = learned.MergedModel.build(base, models)
+    examples = [learn.collect_examples(d) for d in token_data(2)]
+    merged = learn.MergedModel.build(base, models)
     assert merged.gathered_keys == ["emb.weight"]
     state = merged.verify([ex[:2] for ex in examples])
     assert state == {"gathered": False, "batched": True} and not merged.gathered_keys
     objective = DivergenceObjective(backend="reference")
-    targets = [learned.teacher_targets(m, ex, objective, t) for t, (m, ex) in enumerate(zip(models, examples))]
-    opt = learned.CoefficientOptimizer(merged, [learned.TaskExamples(str(t), examples[t], targets[t])
+    targets = [teachers.teacher_targets(m, ex, objective, t) for t, (m, ex) in enumerate(zip(models, examples))]
+    opt = learn.CoefficientOptimizer(merged, [learn.TaskExamples(str(t), examples[t], targets[t])
                                                 for t in range(2)], objective)
     gamma0 = merged.gamma.detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda g: opt.loss(gamma=g), (gamma0,), eps=1e-6, atol=1e-7)
@@ -471,7 +472,6 @@ def test_mismatched_architectures_and_heads():
 def test_teacher_cache_on_disk(teacher_cache_dir, tmp_path):
     """The fine-tuned models' log-probabilities are cached on disk: a rerun reads them (the fine-tuned
     models are never run) and learns the same Gamma; the entries are those of teachers.classification_targets."""
-    from pymerge import teachers
     torch.manual_seed(0)
     base = TokenNet().double()
     models = finetunes(base, 2)
@@ -492,11 +492,11 @@ def test_teacher_cache_on_disk(teacher_cache_dir, tmp_path):
     assert pymerge.divmerge(base, models, data, divergence="kl", **kw).config["teacher_cache_hits"] == 2
     assert pymerge.divmerge(base, models, data, temperature=2.0, **kw).config["teacher_cache_hits"] == 0
     # the same entries as the stand-alone classification teacher, which returns the model's log-probs
-    examples = learned.collect_examples(data[1])
+    examples = learn.collect_examples(data[1])
     got = teachers.classification_targets(models[1], examples)
     assert got.loaded_from_cache and got.cache_path.parent == teacher_cache_dir / "teachers"
     with torch.no_grad():
-        torch.testing.assert_close(torch.stack(got), torch.log_softmax(models[1](**learned.collate(examples))["logits"],
+        torch.testing.assert_close(torch.stack(got), torch.log_softmax(models[1](**learn.collate(examples))["logits"],
                                                                        -1))
     # teacher_cache=False neither reads nor writes; cache_dir= moves the cache
     calls.clear()

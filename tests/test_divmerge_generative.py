@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import pymerge
-from pymerge import reference, teachers
+from pymerge import ops, reference, teachers
 from test_divmerge import one_thread, teacher_cache_dir  # noqa: F401 (autouse: 1 thread, a per-test cache)
 
 V = 97
@@ -157,15 +157,15 @@ def test_topk_never_overestimates_and_stays_within_bound(N, V_, kfrac, kind, sha
     k = max(1, min(V_, int(round(kfrac * V_))))
     z = torch.randn(N, V_, generator=g, dtype=torch.float64) * 2
     tlp = torch.log_softmax(torch.randn(N, V_, generator=g, dtype=torch.float64) * sharp, -1)
-    top, idx, tail = teachers.topk_teacher(tlp, k)
-    approx = teachers.topk_divergence(z, top, idx, tail, divergence=kind)
+    top, idx, tail = ops.topk_teacher(tlp, k)
+    approx = ops.topk_divergence(z, top, idx, tail, divergence=kind)
     dense = _dense(z, tlp, kind)
     gap = dense - approx
     assert (gap >= -1e-12).all()  # coarsening never increases an f-divergence
     if k == V_:
         torch.testing.assert_close(approx, dense, atol=1e-12, rtol=1e-10)
     if kind == "js":
-        bound = teachers.topk_gap_bound(z, idx, tail, divergence="js")
+        bound = ops.topk_gap_bound(z, idx, tail, divergence="js")
         assert (gap <= bound + 1e-12).all()
         p_r, logq = tail.exp(), torch.log_softmax(z, -1)
         q_r = 1 - logq.gather(-1, idx).exp().sum(-1)
@@ -186,15 +186,15 @@ def test_topk_gradient_is_the_exact_gradient_of_the_coarse_divergence(kind):
     g = torch.Generator().manual_seed(5)
     z = torch.randn(5, 23, generator=g, dtype=torch.float64, requires_grad=True)
     tlp = torch.log_softmax(torch.randn(5, 23, generator=g, dtype=torch.float64) * 2, -1)
-    top, idx, tail = teachers.topk_teacher(tlp, 6)
+    top, idx, tail = ops.topk_teacher(tlp, 6)
     rows = torch.tensor([4, 0, 2, 2])  # repeated rows accumulate
-    f = lambda z: teachers.topk_divergence(z, top[rows], idx[rows], tail[rows], divergence=kind,  # noqa: E731
+    f = lambda z: ops.topk_divergence(z, top[rows], idx[rows], tail[rows], divergence=kind,  # noqa: E731
                                            rows=rows, chunk_rows=3, temperature=1.7)
     assert torch.autograd.gradcheck(f, (z,))
     # and k = V: the gradient is the dense divergence's gradient
-    top, idx, tail = teachers.topk_teacher(tlp, 23)
+    top, idx, tail = ops.topk_teacher(tlp, 23)
     w = torch.rand(5, generator=g, dtype=torch.float64)
-    ga, = torch.autograd.grad((teachers.topk_divergence(z, top, idx, tail, divergence=kind) * w).sum(), z)
+    ga, = torch.autograd.grad((ops.topk_divergence(z, top, idx, tail, divergence=kind) * w).sum(), z)
     gd, = torch.autograd.grad((_dense(z, tlp, kind) * w).sum(), z)
     torch.testing.assert_close(ga, gd, atol=1e-12, rtol=1e-9)
 
@@ -204,10 +204,10 @@ def test_topk_low_precision_and_chunking(dtype, tol):
     g = torch.Generator().manual_seed(6)
     z64 = torch.randn(3, 4, 50, generator=g, dtype=torch.float64)
     tlp = torch.log_softmax(torch.randn(12, 50, generator=g, dtype=torch.float64) * 3, -1)
-    top, idx, tail = teachers.topk_teacher(tlp, 7)
-    ref = teachers.topk_divergence(z64, top, idx, tail)
+    top, idx, tail = ops.topk_teacher(tlp, 7)
+    ref = ops.topk_divergence(z64, top, idx, tail)
     z = z64.to(dtype).requires_grad_()
-    outs = [teachers.topk_divergence(z, top.float(), idx, tail.float(), chunk_rows=c) for c in (1, 5, None)]
+    outs = [ops.topk_divergence(z, top.float(), idx, tail.float(), chunk_rows=c) for c in (1, 5, None)]
     for o in outs:
         assert o.dtype == torch.float32
         torch.testing.assert_close(o.double(), ref, atol=tol, rtol=tol)
@@ -218,19 +218,19 @@ def test_topk_low_precision_and_chunking(dtype, tol):
 
 def test_topk_bad_input():
     z = torch.randn(2, 10)
-    top, idx, tail = teachers.topk_teacher(torch.log_softmax(torch.randn(2, 10), -1), 3)
+    top, idx, tail = ops.topk_teacher(torch.log_softmax(torch.randn(2, 10), -1), 3)
     with pytest.raises(ValueError, match="repeat"):
-        teachers.topk_divergence(z, top, torch.zeros_like(idx), tail)
+        ops.topk_divergence(z, top, torch.zeros_like(idx), tail)
     with pytest.raises(ValueError, match=r"\[M = 2, k\]"):
-        teachers.topk_divergence(z, top[:1], idx[:1], tail)
+        ops.topk_divergence(z, top[:1], idx[:1], tail)
     with pytest.raises(ValueError, match="exceeds the vocabulary"):
-        teachers.topk_divergence(torch.randn(2, 2), top, idx, tail)
+        ops.topk_divergence(torch.randn(2, 2), top, idx, tail)
     with pytest.raises(ValueError, match="divergence"):
-        teachers.topk_divergence(z, top, idx, tail, divergence="tv")
+        ops.topk_divergence(z, top, idx, tail, divergence="tv")
     with pytest.raises(ValueError, match="rows"):
-        teachers.topk_divergence(z, top, idx, tail, rows=torch.tensor([0, 5]))
+        ops.topk_divergence(z, top, idx, tail, rows=torch.tensor([0, 5]))
     with pytest.raises(ValueError, match=r"\[1, V"):
-        teachers.topk_teacher(torch.randn(2, 10), 11)
+        ops.topk_teacher(torch.randn(2, 10), 11)
 
 
 def test_topk_batch_loss_close_to_dense_batch_loss(base):
@@ -248,7 +248,7 @@ def test_topk_batch_loss_close_to_dense_batch_loss(base):
         tok_d = bd.token_loss(logits, "js", backend="reference")
         tok_k = bk.token_loss(logits, "js")
         rows = bk.target_mask.reshape(-1).nonzero().reshape(-1)
-        bound = teachers.topk_gap_bound(logits, bk.top_indices, bk.tail_log_mass, rows=rows).float()
+        bound = ops.topk_gap_bound(logits, bk.top_indices, bk.tail_log_mass, rows=rows).float()
     gap = tok_d - tok_k
     assert (gap >= -1e-5).all() and (gap <= bound + 1e-5).all()
     assert (bk.tail_log_mass.exp() > 0).all()  # the tail really was dropped here
@@ -312,7 +312,7 @@ def test_cache_dir_and_fingerprints(base, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# end to end: DivMerge on causal LMs (teachers + pymerge.learned's optimiser) reduces the divergence
+# end to end: DivMerge on causal LMs (teachers + pymerge.learn's optimiser) reduces the divergence
 # ----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("top_k,divergence", [(16, "js")])  # dense + KL: the two-task test below
@@ -374,12 +374,12 @@ def test_divmerge_causal_lm_bad_input(base):
 
 
 def test_classification_targets_cached(tmp_path):
-    """The classification teacher: log-probs per example as pymerge.learned computes them, from the cache
+    """The classification teacher: log-probs per example as pymerge.learn computes them, from the cache
     on a rerun."""
-    from pymerge import learned
+    from pymerge import learn
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    examples = learned.collect_examples([torch.randn(5, 6), torch.randn(4, 6)])
+    examples = learn.collect_examples([torch.randn(5, 6), torch.randn(4, 6)])
     got = teachers.classification_targets(model, examples, temperature=2.0, batch_size=4, cache_dir=tmp_path)
     with torch.no_grad():
         expect = torch.log_softmax(model(torch.stack(examples)) / 2.0, -1)

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 import pymerge
-from pymerge import learned
+from pymerge.learn import MergedModel
 from pymerge.methods import get, key_seed
+from pymerge.methods.learned_starts import learned_start
 from pymerge.ops import randomized_svd
 
 from backend_lists import method_backends
@@ -133,8 +134,8 @@ def test_learned_cart_start_seeds_each_key_by_name():
             for p, b in zip(m.parameters(), base.parameters()):
                 p.copy_(b + 0.1 * torch.randn_like(b))
         models.append(m)
-    merged = learned.MergedModel.build(base, models, start="cart", cart_svd="randomized", cart_rank_ratio=0.08,
-                                       gather_embeddings=False, batch_tasks=False)
+    merged = MergedModel.build(base, models, start=learned_start("cart", cart_svd="randomized", cart_rank_ratio=0.08),
+                               gather_embeddings=False, batch_tasks=False)
     for name in "abc":
         key = f"layers.{name}.weight"
         thetas = torch.stack([dict(m.named_parameters())[key].detach() for m in models])
@@ -142,5 +143,5 @@ def test_learned_cart_start_seeds_each_key_by_name():
         U, S, V = randomized_svd(cent, 3, seed=key_seed(0, key), backend="reference")
         want = (U * S.unsqueeze(-2)) @ V.mT
         for t in range(T):
-            got = merged._delta_of(key, t)
+            got = merged.delta_of(key, t)
             assert float((got - want[t]).norm() / want[t].norm()) <= 1e-10, (key, t)

@@ -5,11 +5,13 @@ entropy of the merged model's predictions on unlabelled test-time batches of eac
 
 Official defaults (EnnengYang/AdaMerging): init 0.3, Adam lr 1e-3, 500 steps, batch 16 per task, Gamma clamped
 to [0, 1] after every step; task-wise and layer-wise. The baseline DivMerge compares with; the same machinery
-(pymerge.learned), the entropy on the fused pymerge.ops kernel. No teacher: the fine-tuned models are only
+(pymerge.learn), the entropy on the fused pymerge.ops kernel. No teacher: the fine-tuned models are only
 read for their task vectors and heads.
 """
-from .. import learned
-from ..learned import Objective, op_backend
+from ..learn.objective import Objective
+from ..learn.pipeline import learn, method_options
+from ..ops import entropy
+from .learned_starts import pop_learned_start
 
 DEFAULTS = dict(lr=1e-3, batch_size=None, steps=500, epochs=1, examples_per_task=None, init=0.3, clamp=(0.0, 1.0),
                 layer_groups=None, start="pretrained", cart_rank_ratio=None, cart_keys=None, cart_svd="exact",
@@ -28,13 +30,11 @@ class EntropyObjective(Objective):
         self.temperature, self.backend = float(temperature), backend
 
     def loss(self, t, logits, targets):
-        from ..ops import entropy
-        return entropy(logits, temperature=self.temperature,
-                       backend=op_backend(self.backend, logits.device, "pymerge::divergence"))
+        return entropy(logits, temperature=self.temperature, backend=self.backend)
 
 
 def adamerging(base, models, data, *, task_specific_keys=None, granularity="layer", **opts):
-    """Learn merge coefficients with AdaMerging; returns a pymerge.learned.LearnedMerge.
+    """Learn merge coefficients with AdaMerging; returns a pymerge.learn.LearnedMerge.
 
     Arguments as pymerge.divmerge's classification kind (base, models, data as unlabelled batches,
     task_specific_keys, granularity "layer" | "task"). No teacher: nothing is generated or cached.
@@ -43,14 +43,15 @@ def adamerging(base, models, data, *, task_specific_keys=None, granularity="laye
     (all of each task's data, cycled), temperature=1.0, layer_groups, start, cart_*, init_from (Gamma then
     starts at 0), seed, progress, backend, pad_value, gather_embeddings, task_names as in divmerge.
     """
-    o = learned.method_options("adamerging", DEFAULTS, opts, granularity)
+    o = method_options("adamerging", DEFAULTS, opts, granularity)
     objective = EntropyObjective(o.pop("temperature"), o["backend"])
     if o["batch_size"] is None:
         o["batch_size"] = BATCH_PER_TASK * len(models)
     init = o.pop("init")
     if "init" not in opts and o["init_from"] is not None:
         init = None  # start exactly at the static merge (Gamma = 0)
-    result = learned.learn(base, models, data, objective, method="adamerging", task_specific_keys=task_specific_keys,
-                           granularity=granularity, init=init, **o)
+    start = pop_learned_start(o, "adamerging")
+    result = learn(base, models, data, objective, method="adamerging", task_specific_keys=task_specific_keys,
+                   granularity=granularity, init=init, start=start, **o)
     result.config.update(temperature=objective.temperature, clamp=str(o["clamp"]))
     return result

@@ -51,6 +51,7 @@ from typing import Callable, List
 
 import torch
 
+from ..dtypes import accumulation_dtype
 from ..ops import Centered, center_task_vectors, low_rank_sum, randomized_svd
 from .dare_linear import _check_seed
 from .spec import BACKEND_PARAM, KeyGroup, MethodSpec, Param, key_seed
@@ -181,7 +182,8 @@ def prepare(params: dict, keys: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ merging
-def _ratio_rank(ratio, m, n):
+def ratio_rank(ratio, m, n):
+    """k = max(1, int(ratio * min(m, n))), the official code's rank of an m x n key at rank ratio `ratio`."""
     return max(1, int(ratio * min(m, n)))
 
 
@@ -219,13 +221,26 @@ def _oversampling(oversample, k):
     return max(10, k // 2) if oversample is None else oversample
 
 
+def low_rank_factors(A, k, *, svd="randomized", oversample=DEFAULT_OVERSAMPLE, power_iters=DEFAULT_POWER_ITERS,
+                     seed=None, backend="auto"):
+    """CART's factorisation: rank-k factors U [.., m, k], S [.., k] (descending), V [.., n, k] of centered
+    matrices A ([m, n] or [T, m, n], any float dtype; or a Centered for svd="randomized"), in fp32 (fp64 for
+    fp64). svd="exact": torch.linalg.svd of A in fp32 / fp64, truncated. svd="randomized":
+    pymerge.ops.randomized_svd with l = k + oversample columns (None: max(10, k // 2)), power_iters and
+    seed. The static merge and the learned methods' start="cart" (pymerge.methods.learned_starts) use it."""
+    if svd == "exact":
+        return _exact_factors(A.to(accumulation_dtype(A.dtype)), k)
+    return randomized_svd(A, k, oversample=_oversampling(oversample, k), power_iters=power_iters, seed=seed,
+                          backend=backend)
+
+
 def _randomized_factors(A, total_sq, m, n, k, energy, oversample, power_iters, seed, backend, exact_fallback):
     """Rank-k (or energy) factors of one key's T centered matrices A ([T, m, n] tensor or Centered) via
     pymerge.ops.randomized_svd. oversample None = max(10, k // 2) (l = 1.5 k columns for k >= 20)."""
     if energy is None:
-        return randomized_svd(A, k, oversample=_oversampling(oversample, k), power_iters=power_iters, seed=seed,
-                              backend=backend)
-    k_try = _ratio_rank(DEFAULT_RANK_RATIO, m, n)
+        return low_rank_factors(A, k, svd="randomized", oversample=oversample, power_iters=power_iters, seed=seed,
+                                backend=backend)
+    k_try = ratio_rank(DEFAULT_RANK_RATIO, m, n)
     while k_try + _oversampling(oversample, k_try) < min(m, n):
         U, S, V = randomized_svd(A, k_try, oversample=_oversampling(oversample, k_try), power_iters=power_iters,
                                  seed=seed, backend=backend)
@@ -250,7 +265,7 @@ def _merge_low_rank_keys(keys, bases, models, p, acc):
     T = len(models[0])
     k = None
     if p["energy"] is None:
-        k = p["rank"] if p["rank"] is not None else _ratio_rank(p["rank_ratio"] or DEFAULT_RANK_RATIO, m, n)
+        k = p["rank"] if p["rank"] is not None else ratio_rank(p["rank_ratio"] or DEFAULT_RANK_RATIO, m, n)
     out = {}
     elem = torch.empty(0, dtype=acc).element_size()
     per_key = T * m * n * elem

@@ -12,18 +12,21 @@ D = Jensen-Shannon (default; generalised with ``beta``, 0.5 = JS, bounded by log
   - causal LM (GenerativeObjective): fine-tuned model t greedily continues each prompt x with ŷ, its
     per-token distributions over ŷ are cached (top-k + tail for large vocabularies), and the merged model is
     run teacher-forced on x+ŷ; the token divergence is averaged over ŷ, then over sequences.
-The machinery (parameterisation, functional calls, optimiser, result) is pymerge.learned.learn; this file
-holds the objectives and the paper's defaults.
+The machinery (parameterisation, functional calls, optimiser, result) is pymerge.learn.pipeline.learn, the
+teachers pymerge.teachers; this file holds the objectives, the model kinds and the paper's defaults.
 """
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from .. import learned, teachers
-from ..learned import Objective
+from ..learn.pipeline import learn, method_options
+from ..teachers.cache import CachedTargets
+from ..teachers.classification import LogProbTeacher
+from ..teachers.divergence import DIVERGENCES, dense_divergence, sequence_divergence
+from ..teachers.generative import generative_targets, prompt_list
+from .learned_starts import pop_learned_start
 
-DIVERGENCES = teachers.DIVERGENCES
 KINDS = ("auto", "classification", "causal-lm")
 
 # Paper Table 9 (docs/METHODS.md §DivMerge): Adam lr 1e-2, batch 4 x T mixed across tasks, 4 epochs, 200 (task
@@ -41,9 +44,9 @@ CAUSAL_LM_DEFAULTS = dict(max_new_tokens=32, top_k=64, eos_token_id="auto", pad_
                           generation_batch_size=8, tokenizer=None, use_generate=None)
 
 
-class DivergenceObjective(Objective):
-    """D(teacher || merged) per row of the logits' last dim, averaged over rows (examples, or tokens)."""
-    needs_teacher = True
+class DivergenceObjective(LogProbTeacher):
+    """D(teacher || merged) per row of the logits' last dim, averaged over rows (examples, or tokens); the
+    teacher is fine-tuned model t's log-probabilities at the temperature (LogProbTeacher), cached."""
 
     def __init__(self, divergence="js", temperature=1.0, beta=0.5, backend="auto"):
         if divergence not in DIVERGENCES:
@@ -52,24 +55,15 @@ class DivergenceObjective(Objective):
             raise ValueError(f"divmerge: temperature = {temperature} must be a positive number")
         if divergence == "js" and not 0.0 < beta < 1.0:
             raise ValueError(f"divmerge: beta = {beta} must lie in (0, 1)")
-        self.divergence, self.temperature, self.beta, self.backend = divergence, float(temperature), float(beta), \
-            backend
-
-    def teacher(self, t, logits):
-        """Cached target: the fine-tuned model's log-probabilities at the temperature, fp32 (fp64 for fp64)."""
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        return torch.log_softmax(logits.to(acc) / self.temperature, dim=-1)
-
-    def teacher_settings(self):
-        # the divergence and beta only enter the loss: JS and KL runs share their teachers
-        return {"teacher": "log_softmax", "temperature": self.temperature}
+        super().__init__(temperature)
+        self.divergence, self.beta, self.backend = divergence, float(beta), backend
 
     def loss(self, t, logits, targets):
         if logits.shape != targets.shape:
             raise ValueError(f"divmerge: task {t}: merged logits {tuple(logits.shape)} do not match the fine-tuned "
                              f"model's {tuple(targets.shape)} (mismatched heads?)")
-        return teachers.dense_divergence(logits, targets, divergence=self.divergence, beta=self.beta,
-                                         temperature=self.temperature, backend=self.backend)
+        return dense_divergence(logits, targets, divergence=self.divergence, beta=self.beta,
+                                temperature=self.temperature, backend=self.backend)
 
 
 class GenerativeObjective(DivergenceObjective):
@@ -99,18 +93,18 @@ class GenerativeObjective(DivergenceObjective):
 
     def examples(self, task, source, limit):
         try:
-            prompts = teachers.prompt_list(source, self.tokenizer)
+            prompts = prompt_list(source, self.tokenizer)
         except ValueError as e:
             raise ValueError(f"divmerge: data for task {task!r}: {e}") from None
         return prompts[:limit] if limit is not None else prompts
 
     def prepare(self, t, module, prompts, options):
-        tg = teachers.generative_targets(module, prompts, temperature=self.temperature, cache=options.cache,
-                                         cache_dir=options.cache_dir, progress=options.progress, **self.generation)
+        tg = generative_targets(module, prompts, temperature=self.temperature, cache=options.cache,
+                                cache_dir=options.cache_dir, progress=options.progress, **self.generation)
         if t == 0:  # the first model's pad token pads every task's x+ŷ (masked: its value does not matter)
             self.pad_value = {"input_ids": tg.pad_token_id}
         inputs, targets = tg.examples()
-        return inputs, teachers.CachedTargets(targets, tg.cache_path, tg.loaded_from_cache)
+        return inputs, CachedTargets(targets, tg.cache_path, tg.loaded_from_cache)
 
     def teacher_settings(self):
         return None  # prepare() caches the generated continuations and teacher rows itself
@@ -128,9 +122,8 @@ class GenerativeObjective(DivergenceObjective):
         R = targets[fields[0]].shape[1]
         valid = torch.arange(R, device=mask.device)[None] < counts[:, None]
         teacher = {k: targets[k][valid] for k in fields}   # row-major: example by example, token by token
-        seq = teachers.sequence_divergence(logits, mask, teacher, divergence=self.divergence, beta=self.beta,
-                                           temperature=self.temperature, backend=self.backend,
-                                           chunk_rows=self.chunk_rows)
+        seq = sequence_divergence(logits, mask, teacher, divergence=self.divergence, beta=self.beta,
+                                  temperature=self.temperature, backend=self.backend, chunk_rows=self.chunk_rows)
         return seq.mean()
 
 
@@ -144,25 +137,34 @@ def kind_of_architecture(name):
     return None
 
 
+def kind_of_architectures(names):
+    """The kind of the first of `names` (class names, config.architectures) that tells one, else None."""
+    for name in names:
+        kind = kind_of_architecture(str(name))
+        if kind is not None:
+            return kind
+    return None
+
+
 def infer_kind(base, models):
     """The model kind for kind="auto": from the class names and config.architectures of the fine-tuned
-    models that are modules (loaders are not called), then of the base; "classification" when none tells."""
+    models that are modules (loaders are not called), then of the base; "classification" when none tells.
+    (The command line reads the same names from config.json files: pymerge.cli.kind_from_configs.)"""
     entries = list(models.values()) if isinstance(models, Mapping) else \
         list(models) if isinstance(models, (list, tuple)) else []
     for m in [*entries, base]:
         if not isinstance(m, nn.Module) or getattr(getattr(m, "config", None), "is_encoder_decoder", False):
             continue
-        names = [type(m).__name__, *(getattr(getattr(m, "config", None), "architectures", None) or [])]
-        for name in names:
-            kind = kind_of_architecture(str(name))
-            if kind is not None:
-                return kind
+        kind = kind_of_architectures([type(m).__name__,
+                                      *(getattr(getattr(m, "config", None), "architectures", None) or [])])
+        if kind is not None:
+            return kind
     return "classification"
 
 
 def divmerge(base, models, data, *, task_specific_keys=None, granularity="layer", divergence="js", kind="auto",
              **opts):
-    """Learn merge coefficients with DivMerge; returns a pymerge.learned.LearnedMerge.
+    """Learn merge coefficients with DivMerge; returns a pymerge.learn.LearnedMerge.
 
     base: nn.Module or state dict (theta_0). models: T fine-tuned nn.Modules (a sequence, or {task: module};
     zero-argument loaders are accepted and keep one model in memory at a time), each complete with its own
@@ -201,7 +203,7 @@ def divmerge(base, models, data, *, task_specific_keys=None, granularity="layer"
       classification only: teacher_batch_size=32; pad_value=0 (right-padding when examples of different
         lengths share a batch; a dict maps input names to pad values);
       causal-lm only: max_new_tokens=32, top_k=64 (teacher top-k log-probs + tail mass; None: dense; see
-        pymerge.teachers.topk_divergence for the approximation and its bound), eos_token_id="auto",
+        pymerge.ops.topk_divergence for the approximation and its bound), eos_token_id="auto",
         pad_token_id=None, generation_batch_size=8, tokenizer=None, use_generate=None.
     The fine-tuned models run once (or not at all on a cache hit); only theta_0, the task vectors, the heads
     and the cached teacher outputs stay in memory during the optimisation.
@@ -215,7 +217,7 @@ def divmerge(base, models, data, *, task_specific_keys=None, granularity="layer"
         defaults.update(CAUSAL_LM_DEFAULTS)
     else:
         defaults = DEFAULTS
-    o = learned.method_options(f"divmerge ({kind})", defaults, opts, granularity)
+    o = method_options(f"divmerge ({kind})", defaults, opts, granularity)
     if kind == "causal-lm":
         generation = {k: o.pop(k) for k in CAUSAL_LM_DEFAULTS}
         objective = GenerativeObjective(divergence, o.pop("temperature"), o.pop("beta"), o["backend"], **generation)
@@ -224,8 +226,9 @@ def divmerge(base, models, data, *, task_specific_keys=None, granularity="layer"
         objective = DivergenceObjective(divergence, o.pop("temperature"), o.pop("beta"), o["backend"])
     if o["examples_per_task"] is None:
         o["examples_per_task"] = EXAMPLES_PER_TASK[granularity]
-    result = learned.learn(base, models, data, objective, method="divmerge", task_specific_keys=task_specific_keys,
-                           granularity=granularity, **o)
+    start = pop_learned_start(o, "divmerge")
+    result = learn(base, models, data, objective, method="divmerge", task_specific_keys=task_specific_keys,
+                   granularity=granularity, start=start, **o)
     result.config.update(kind=kind, divergence=divergence, temperature=objective.temperature, beta=objective.beta)
     result.config.update({k: generation[k] for k in ("max_new_tokens", "top_k") if k in generation})
     return result

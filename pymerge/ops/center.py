@@ -4,9 +4,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import reference
+from ..dtypes import FLOAT_DTYPES, accumulation_dtype
 from .backend import extension_loaded, resolve
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def as_tensor_list(thetas, op, name="thetas"):
@@ -23,8 +22,8 @@ def as_tensor_list(thetas, op, name="thetas"):
     for t, theta in enumerate(thetas):
         if not isinstance(theta, torch.Tensor):
             raise ValueError(f"{op}: {name}[{t}] is a {type(theta).__name__}, expected a Tensor")
-        if theta.dtype not in _FLOATS:
-            raise ValueError(f"{op}: {name}[{t}] has dtype {theta.dtype}; expected one of {_FLOATS}")
+        if theta.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{op}: {name}[{t}] has dtype {theta.dtype}; expected one of {FLOAT_DTYPES}")
         if theta.shape != first.shape:
             raise ValueError(f"{op}: {name}[{t}] has shape {tuple(theta.shape)} but {name}[0] has "
                              f"{tuple(first.shape)}")
@@ -37,7 +36,7 @@ def as_tensor_list(thetas, op, name="thetas"):
 
 def task_weights(weights, T, dtype, device, op):
     """None -> uniform 1/T; a scalar sequence or Tensor of length T -> float32 (float64 for float64 data)."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(dtype)
     if weights is None:
         return torch.full((T,), 1.0 / T, dtype=acc, device=device)
     w = torch.as_tensor(weights, dtype=acc).to(device).reshape(-1)
@@ -70,7 +69,7 @@ def center_task_vectors(thetas: Union[torch.Tensor, Sequence[torch.Tensor]], wei
     thetas = as_tensor_list(thetas, op)
     T, shape, dtype, device = len(thetas), thetas[0].shape, thetas[0].dtype, thetas[0].device
     out_dtype = out_dtype or dtype
-    if out_dtype not in _FLOATS:
+    if out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"{op}: out_dtype {out_dtype} is not a float dtype")
     w = task_weights(weights, T, dtype, device, op)
     be = resolve(backend, device, op)
@@ -103,8 +102,8 @@ def _check_out(out, T, shape, device, op):
         raise ValueError(f"{op}: out buffers have shapes {tuple(avg_buf.shape)}, "
                          f"{None if cent_buf is None else tuple(cent_buf.shape)}; expected {tuple(shape)}"
                          f" and {want_cent}")
-    if avg_buf.dtype not in _FLOATS:
-        raise ValueError(f"{op}: out avg buffer has dtype {avg_buf.dtype}; expected one of {_FLOATS}")
+    if avg_buf.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: out avg buffer has dtype {avg_buf.dtype}; expected one of {FLOAT_DTYPES}")
     if cent_buf is not None and cent_buf.dtype != avg_buf.dtype:
         raise ValueError(f"{op}: out buffers have dtypes {avg_buf.dtype} and {cent_buf.dtype}; they must match")
     for buf in (avg_buf, cent_buf):

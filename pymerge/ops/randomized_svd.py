@@ -4,8 +4,9 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import reference
+from ..dtypes import FLOAT_DTYPES, accumulation_dtype
 from .backend import extension_loaded, resolve
-from .center import _FLOATS, as_tensor_list, center_task_vectors
+from .center import as_tensor_list, center_task_vectors
 
 
 class Centered:
@@ -22,10 +23,10 @@ class Centered:
         self.thetas = as_tensor_list(thetas, op)
         if self.thetas[0].dim() != 2:
             raise ValueError(f"{op}: thetas must be 2-D matrices, got shape {tuple(self.thetas[0].shape)}")
-        acc = _acc_dtype(self.thetas[0].dtype)
+        acc = accumulation_dtype(self.thetas[0].dtype)
         if avg is None:
             avg = center_task_vectors(self.thetas, weights, out_dtype=acc, return_centered=False)[0]
-        if not isinstance(avg, torch.Tensor) or avg.dtype not in _FLOATS:
+        if not isinstance(avg, torch.Tensor) or avg.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{op}: avg must be a float Tensor, got "
                              f"{getattr(avg, 'dtype', type(avg).__name__)}")
         if avg.shape != self.thetas[0].shape:
@@ -50,10 +51,6 @@ class Centered:
     def materialize(self):
         """The explicit [T, m, n] batch in the accumulation dtype (for checks and small cases)."""
         return torch.stack([theta.to(self.avg.dtype) - self.avg for theta in self.thetas])
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _block_seeds(seed, B, op):
@@ -82,7 +79,7 @@ def _test_matrix(B, n, l, dtype, device, seed, op="randomized_svd"):
         gen.manual_seed(block_seed)
         torch.randn(length, l, n, generator=gen, dtype=torch.float32, out=omega[start:start + length])
         start += length
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(dtype)
     return omega.to(device=device, dtype=acc).transpose(1, 2)
 
 
@@ -113,8 +110,8 @@ def randomized_svd(A, k: int, oversample: int = 10, power_iters: int = 2,
     centered = isinstance(A, Centered)
     if not centered and not isinstance(A, torch.Tensor):
         raise ValueError(f"{op}: A must be a Tensor or a Centered, got {type(A).__name__}")
-    if A.dtype not in _FLOATS:
-        raise ValueError(f"{op}: A has dtype {A.dtype}; expected one of {_FLOATS}")
+    if A.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: A has dtype {A.dtype}; expected one of {FLOAT_DTYPES}")
     batched = centered or A.dim() == 3
     if not centered:
         if A.dim() not in (2, 3):
@@ -138,7 +135,7 @@ def randomized_svd(A, k: int, oversample: int = 10, power_iters: int = 2,
         parts = [*A.thetas, A.avg] if centered else [A]
         if not all(bool(torch.isfinite(p).all()) for p in parts):
             raise ValueError(f"{op}: A contains NaN or Inf (shape {tuple(A.shape)})")
-    acc = torch.float64 if A.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(A.dtype)
     if B == 0:
         U, S, V = (torch.empty(0, m, k, dtype=acc, device=A.device), torch.empty(0, k, dtype=acc, device=A.device),
                    torch.empty(0, n, k, dtype=acc, device=A.device))
@@ -176,7 +173,7 @@ def low_rank_sum(U, S, V, scale: float = 1.0, base: Optional[torch.Tensor] = Non
     for name, t in (("U", U), ("S", S), ("V", V), ("base", base)):
         if t is None and name == "base":
             continue
-        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
+        if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{op}: {name} must be a float Tensor (fp16/bf16/fp32/fp64), got "
                              f"{getattr(t, 'dtype', type(t).__name__)}")
         if t.device != U.device:
@@ -202,7 +199,7 @@ def low_rank_sum(U, S, V, scale: float = 1.0, base: Optional[torch.Tensor] = Non
 
 if extension_loaded():
     def _fake_svd(B, m, n, k, like):
-        acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(like.dtype)
         return (like.new_empty((B, m, k), dtype=acc), like.new_empty((B, k), dtype=acc),
                 like.new_empty((B, n, k), dtype=acc))
 
