@@ -4,6 +4,11 @@ The scripts run as `python benchmarks/X.py`, which puts benchmarks/ first on sys
 module as a sibling (`from measure import ...`). No torch import here: some scripts keep torch out of the
 parent process that only starts the measuring children.
 
+Threads: every script runs torch on one thread unless given --threads N (add_threads_option); the count goes
+into the header line and, through the environment, to every measuring child (bench_threads / set_torch_threads).
+CPU-time clocks measure the work of one thread only, so above one thread the scripts time wall-clock instead
+(timing_clock).
+
 Peak memory: torch's allocations are invisible to tracemalloc, so the scripts read the kernel's own counters.
 VmHWM (the peak resident set) is reset to the current resident set by writing 5 to /proc/self/clear_refs, so
 "peak during a call minus resident set before it" is the memory the call itself needed. ru_maxrss cannot be
@@ -14,6 +19,46 @@ import os
 import resource
 import subprocess
 import sys
+
+
+THREADS_ENV = "PYMERGE_BENCH_THREADS"   # the run's thread count, inherited by the children a script starts
+
+
+def add_threads_option(parser):
+    """--threads N on an argparse parser (default: what a parent script passed down, else 1)."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every measurement (default 1, the project's benchmark rule)")
+
+
+def bench_threads(threads=None):
+    """The torch thread count of this run: `threads` (a --threads value), else the one a parent script passed
+    down, else 1. Recorded in the environment (and OMP_NUM_THREADS) so that every child started from here uses
+    it too. No torch import: parents that only start children stay torch-free."""
+    if threads is None:
+        threads = int(os.environ.get(THREADS_ENV, "1"))
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    os.environ[THREADS_ENV] = os.environ["OMP_NUM_THREADS"] = str(threads)
+    return threads
+
+
+def set_torch_threads(threads=None):
+    """bench_threads(threads) applied to torch in this process; returns the count."""
+    import torch
+    threads = bench_threads(threads)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def threads_label(threads):
+    """"1 thread" / "2 threads", for header lines."""
+    return f"{threads} thread{'s' if threads != 1 else ''}"
+
+
+def timing_clock(clock, threads):
+    """The clock a script times with: its "cpu" choice (process or thread CPU time, immune to other processes'
+    time slices) only at 1 thread; above, CPU time would sum (or miss) the other threads' work: "wall"."""
+    return clock if threads == 1 else "wall"
 
 
 def status_kb(field):

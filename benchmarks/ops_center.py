@@ -1,6 +1,6 @@
 """center_task_vectors on CPU, 1 thread: pymerge vs torch eager and vs a plain copy of the same bytes.
 
-    python benchmarks/ops_center.py [--quick] [--reps R] [--numel N] [--tasks T]
+    python benchmarks/ops_center.py [--quick] [--reps R] [--numel N] [--tasks T] [--threads N]
 
 T = 8 task tensors of 16M elements (fp32 and bf16), held as T separate tensors the way a checkpoint loader
 hands them over. Measured side by side in one run, rounds interleaved (every method once per round, best
@@ -13,7 +13,8 @@ round kept), so the machine's state is the same for all of them:
   eager out=      the same three ops into preallocated buffers (eager without allocation costs)
 
 Times are CPU seconds of the (only) working thread, best and median over the rounds; "wall ms" is the best
-wall-clock time, which on a shared machine also holds other processes' time slices.
+wall-clock time, which on a shared machine also holds other processes' time slices. With --threads N > 1 the
+work is spread over N threads and every column is wall-clock time.
 GB/s counts the bytes each method must move at least: copy 2*T*N elements, center (2*T+1)*N elements
 (T inputs read, avg and T centered written). "of copy" = center GB/s / copy GB/s; "vs eager" compares like with like
 (allocating pymerge with allocating eager, out= with out=). Targets (issue 2): pymerge out= >= 80% of copy
@@ -27,18 +28,21 @@ import time
 import torch
 
 import pymerge
+from measure import add_threads_option, set_torch_threads, threads_label, timing_clock
 from pymerge.ops import center_task_vectors
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CLOCK = {"cpu": time.thread_time, "wall": time.perf_counter}
+_clock = CLOCK["cpu"]
 
 
 def _timed(fn):
     """(CPU seconds of this thread, wall seconds). With one torch thread everything runs on this thread, so
     its CPU time is the op's time without the time-slices other processes take on a shared machine (page
-    faults and memory stalls are included)."""
-    c0, w0 = time.thread_time(), time.perf_counter()
+    faults and memory stalls are included). Above one thread the first is wall seconds too (timing_clock)."""
+    c0, w0 = _clock(), time.perf_counter()
     fn()
-    return time.thread_time() - c0, time.perf_counter() - w0
+    return _clock() - c0, time.perf_counter() - w0
 
 
 def run_case(T, N, dtype, reps):
@@ -96,14 +100,18 @@ def main(argv):
     ap.add_argument("--reps", type=int, default=None, help="interleaved rounds (default 7, quick 3)")
     ap.add_argument("--numel", type=int, default=None, help="elements per task tensor (default 16M, quick 4M)")
     ap.add_argument("--tasks", type=int, default=8)
+    add_threads_option(ap)
     args = ap.parse_args(argv)
     N = args.numel or ((4 << 20) if args.quick else (16 << 20))
     reps = args.reps or (3 if args.quick else 7)
     T = args.tasks
-    torch.set_num_threads(1)
+    threads = set_torch_threads(args.threads)
+    global _clock
+    clock = timing_clock("cpu", threads)
+    _clock = CLOCK[clock]
 
-    print(f"center_task_vectors, T = {T}, {N} elements per task, 1 thread, best of {reps} interleaved rounds "
-          f"(pymerge {pymerge.__version__}, torch {torch.__version__})")
+    print(f"center_task_vectors, T = {T}, {N} elements per task, {threads_label(threads)}, {clock} time, best of "
+          f"{reps} interleaved rounds (pymerge {pymerge.__version__}, torch {torch.__version__})")
     head = (f"{'dtype':<6}{'method':<14}{'best ms':>10}{'median ms':>11}{'wall ms':>10}{'GB/s':>8}{'of copy':>9}"
             f"{'vs eager':>10}")
     print(head)
@@ -124,7 +132,8 @@ def main(argv):
     print("-" * len(head))
     met = all(f >= 0.8 and min(s, so) >= 1.5 for _, f, s, so in summary)
     parts = "; ".join(f"{n} {f:.0%} of copy bandwidth, {s:.1f}x eager (out=: {so:.1f}x)" for n, f, s, so in summary)
-    print(f"headline: pymerge center (T={T}, {N >> 20}M, 1 thread): {parts} -> targets (>=80%, >=1.5x) "
+    print(f"headline: pymerge center (T={T}, {N >> 20}M, {threads_label(threads)}): {parts} -> targets "
+          "(>=80%, >=1.5x) "
           f"{'met' if met else 'MISSED'}")
     return 0
 

@@ -1,7 +1,7 @@
 """js_divergence forward + backward: pymerge's fused kernel vs the torch eager composite, 1 thread.
 
     python benchmarks/ops_divergence.py [--quick] [--reps R] [--dtypes fp32,bf16] [--shapes 4096x32000,...]
-                                        [--clock cpu|wall]
+                                        [--clock cpu|wall] [--threads N]
 
 Default shapes 4096 x 32000 and 1024 x 152064 (rows x vocabulary), fp32 and bf16 student and teacher logits,
 beta = 0.5, T = 1, reduction "mean"; --quick uses 1024 x 32000 and 256 x 152064, fp32 only (about 30 s).
@@ -13,7 +13,8 @@ Variants, each measured in its own fresh subprocess (so neither sees the other's
            sweep and scaled in place in backward.
 time: the best of R (default 2) forward+backward rounds after one warm-up round, by default in CPU time of the
 process (user + sys, time.process_time: with one thread it equals wall time on an idle machine, and it is not
-inflated by other processes on a shared one); --clock wall for wall-clock time.
+inflated by other processes on a shared one); --clock wall for wall-clock time, which is also what --threads N > 1
+measures (process CPU time would add up the threads).
 peak extra: the process's peak resident set during the warm-up round minus its resident set just before it,
 with the inputs already allocated and touched. The peak is Linux's VmHWM, reset before the round by writing 5
 to /proc/self/clear_refs (where that is refused: ru_maxrss, with inputs built chunk by chunk so that nothing
@@ -29,7 +30,8 @@ import os
 import sys
 import time
 
-from measure import ChildFailed, maxrss_kb, reset_peak, run_json_child, status_kb
+from measure import (ChildFailed, add_threads_option, bench_threads, maxrss_kb, reset_peak, run_json_child,
+                     set_torch_threads, status_kb, threads_label, timing_clock)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -60,7 +62,7 @@ def child(variant, N, V, dtype_name, reps, clock):
 
     import torch
 
-    torch.set_num_threads(1)
+    set_torch_threads()   # the parent's count, through the environment
     dtype = getattr(torch, DTYPES[dtype_name])
     beta = 0.5
     z = random_logits(N, V, dtype, 0, torch).requires_grad_(True)
@@ -102,8 +104,7 @@ def child(variant, N, V, dtype_name, reps, clock):
 
 def run_variant(variant, N, V, dtype_name, reps, clock):
     try:
-        return run_json_child(__file__, ["--child", variant, N, V, dtype_name, reps, clock],
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return run_json_child(__file__, ["--child", variant, N, V, dtype_name, reps, clock])
     except ChildFailed as e:
         raise RuntimeError(f"{variant} {N}x{V} {dtype_name} failed:\n{e.stderr[-3000:]}") from None
 
@@ -119,7 +120,10 @@ def main(argv):
     ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default fp32,bf16; quick fp32)")
     ap.add_argument("--shapes", default=None, help="comma list of NxV")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="process CPU time (default) or wall time")
+    add_threads_option(ap)
     args = ap.parse_args(argv)
+    threads = bench_threads(args.threads)
+    clock = timing_clock(args.clock, threads)
     if args.shapes:
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     else:
@@ -127,15 +131,16 @@ def main(argv):
     dtypes = (args.dtypes or ("fp32" if args.quick else "fp32,bf16")).split(",")
     reps = args.reps or 2
 
-    print(f"js_divergence (beta 0.5, T 1, mean) forward + backward, 1 thread, {args.clock} time, best of {reps} "
+    print(f"js_divergence (beta 0.5, T 1, mean) forward + backward, {threads_label(threads)}, {clock} time, best of "
+          f"{reps} "
           "after a warm-up; peak extra memory above the inputs")
     print(f"{'shape':>13} {'dtype':>5} | {'eager s':>8} {'pymerge s':>9} {'speedup':>7} | "
           f"{'eager MB':>8} {'pymerge MB':>10} {'mem':>5} | {'|dloss|':>8}")
     speedups, mem_ratios = [], []
     for N, V in shapes:
         for dt in dtypes:
-            e = run_variant("eager", N, V, dt, reps, args.clock)
-            p = run_variant("pymerge", N, V, dt, reps, args.clock)
+            e = run_variant("eager", N, V, dt, reps, clock)
+            p = run_variant("pymerge", N, V, dt, reps, clock)
             sp = e["time"] / p["time"]
             mr = p["extra"] / e["extra"] if e["extra"] > 0 else float("nan")
             speedups.append(sp)

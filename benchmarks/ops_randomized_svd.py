@@ -1,6 +1,6 @@
 """randomized_svd on CPU, 1 thread: pymerge vs torch.linalg.svd and torch.svd_lowrank, time AND error.
 
-    python benchmarks/ops_randomized_svd.py [--quick] [--reps R] [--no-centered] [--clock wall|cpu]
+    python benchmarks/ops_randomized_svd.py [--quick] [--reps R] [--no-centered] [--clock wall|cpu] [--threads N]
 
 Explicit matrices 768x768, 3072x768, 4096x4096, 14336x4096 (fp32), k = int(ratio * min(m, n)) for rank
 ratios 0.04 / 0.08 / 0.16, oversample p = 10, q = 2 power iterations for both randomized methods
@@ -25,18 +25,21 @@ Each runs in a fresh subprocess; "peak extra MB" = the process's peak RSS during
 just before it through /proc/self/clear_refs) minus the RSS already holding the inputs (thetas + avg): the
 memory the method itself needs.
 
+--threads N: N torch threads everywhere (default 1), timed in wall-clock time (process CPU time would add up the
+threads).
+
 Targets (issue 2): >= 20x faster than torch.linalg.svd at 4096^2, rank ratio 0.08, with error <= 1.02x optimal;
 at least as fast as torch.svd_lowrank at equal or lower error. The headline line is last.
 """
 import argparse
 import json
-import os
 import sys
 import time
 
 import torch
 
-from measure import ChildFailed, maxrss_kb, peak_rss_kb, reset_peak, run_json_child, status_kb
+from measure import (ChildFailed, add_threads_option, maxrss_kb, peak_rss_kb, reset_peak, run_json_child,
+                     set_torch_threads, status_kb, threads_label, timing_clock)
 from pymerge.ops import Centered, center_task_vectors, randomized_svd
 
 SHAPES = ((768, 768), (3072, 768), (4096, 4096), (14336, 4096))
@@ -163,7 +166,7 @@ def _reset_peak_rss_kb():
 
 def _centered_child(variant, T, m, k, reps):
     """Runs in a fresh process; prints one JSON line {time, peak_extra_mb, check}."""
-    torch.set_num_threads(1)
+    set_torch_threads()   # the parent's count, through the environment
     gen = torch.Generator().manual_seed(1)
     base = torch.randn(m, m, generator=gen)
     # built in place: no transient buffer may raise the peak RSS measured before the call
@@ -208,8 +211,7 @@ def centered_table(T, m, reps, t_svd_4096, clock):
     results = {}
     for variant in ("pymerge_centered", "materialise_pymerge", "svd_lowrank_M"):
         try:
-            results[variant] = run_json_child(__file__, ["--clock", clock, "--child", variant, T, m, k, reps],
-                                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+            results[variant] = run_json_child(__file__, ["--clock", clock, "--child", variant, T, m, k, reps])
         except ChildFailed as e:
             print(f"{variant}: failed\n{e.stderr[-2000:]}")
     ref = results.get("pymerge_centered", {}).get("time")
@@ -233,20 +235,23 @@ def main(argv):
     ap.add_argument("--no-centered", action="store_true")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall time (default) or process CPU time: with 1 thread the same on an idle machine, and "
-                         "the fair choice on a shared one (time slices lost to other processes are not counted)")
+                         "the fair choice on a shared one (time slices lost to other processes are not counted); "
+                         "wall whatever is asked above 1 thread")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    add_threads_option(ap)
     args = ap.parse_args(argv)
+    threads = set_torch_threads(args.threads)
+    clock = timing_clock(args.clock, threads)
     global _clock
-    _clock = CLOCK[args.clock]
+    _clock = CLOCK[clock]
     if args.child:
         variant, T, m, k, reps = args.child
         return _centered_child(variant, int(T), int(m), int(k), int(reps))
-    torch.set_num_threads(1)
     reps = args.reps or (1 if args.quick else 3)
     shapes = SHAPES[:3] if args.quick else SHAPES
     ratios = (0.08,) if args.quick else RATIOS
-    print(f"randomized_svd, CPU, {torch.get_num_threads()} thread, fp32, p = {OVERSAMPLE}, q = {POWER_ITERS}, "
-          f"best of {reps}, {args.clock} clock; torch {torch.__version__}")
+    print(f"randomized_svd, CPU, {threads_label(threads)}, fp32, p = {OVERSAMPLE}, q = {POWER_ITERS}, "
+          f"best of {reps}, {clock} clock; torch {torch.__version__}")
     print(HEADER)
     rows = []
     explicit_table(shapes, ratios, reps, args.max_svd, rows)
@@ -254,10 +259,10 @@ def main(argv):
         print("  * torch.linalg.svd skipped, time estimated from the flop model 4mn^2 + 22n^3")
     head = next(r for r in rows if (r["m"], r["n"], r["ratio"]) == (4096, 4096, 0.08))
     if not args.no_centered:
-        centered_table(8, 4096, 1 if args.quick else 2, head["t_svd"] if not head["svd_note"] else None, args.clock)
+        centered_table(8, 4096, 1 if args.quick else 2, head["t_svd"] if not head["svd_note"] else None, clock)
     if _busy and min(_busy) < 0.9:
         print(f"note: the core was shared (cpu/wall down to {min(_busy):.2f} during timed calls); "
-              + ("wall times are inflated, --clock cpu measures the work itself" if args.clock == "wall" else
+              + ("wall times are inflated, --clock cpu measures the work itself" if clock == "wall" else
                  "times are CPU times"))
     x_svd, x_lr = head["t_svd"] / head["t_pymerge"], head["t_lowrank"] / head["t_pymerge"]
     ok = x_svd >= 20 and head["e_pymerge"] <= 1.02 and x_lr >= 1 and head["e_pymerge"] <= head["e_lowrank"] * 1.002

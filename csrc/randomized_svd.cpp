@@ -324,7 +324,29 @@ void lu_basis_cpu(const Tensor& LUt, const Tensor& piv, Tensor& out) {
 void lu_basis_cuda(const Tensor& LUt, const Tensor& piv, Tensor& out);
 #endif
 
+// LAPACK getrf of each Y_b [m, l] (column-major = Yt[b] row-major) into LUt [B, l, m] (same layout) and
+// piv [B, l], one matrix per call: torch 2.13's batched CPU linalg_lu_factor_ex returns garbage pivots with
+// 2+ threads (MKL "Parameter 6 was incorrect on entry to SLASWP", then a crash) while the same call on one
+// matrix is correct. At 1 thread the batched call is the same getrf per matrix: no measurable cost.
+std::tuple<Tensor, Tensor> lu_factor_cpu(const Tensor& Yt) {
+  const int64_t B = Yt.size(0), l = Yt.size(1);
+  Tensor LUt = at::empty_like(Yt, at::MemoryFormat::Contiguous);
+  Tensor piv = at::empty({B, l}, Yt.options().dtype(at::kInt));
+  Tensor info = at::empty({B}, Yt.options().dtype(at::kInt));
+  for (int64_t b = 0; b < B; ++b) {
+    Tensor lu_b = LUt[b].mT(), piv_b = piv[b], info_b = info[b];  // lu_b column-major: written in place
+    at::linalg_lu_factor_ex_out(lu_b, piv_b, info_b, Yt[b].mT(), /*pivot=*/true, /*check_errors=*/false);
+  }
+  return {LUt, piv};
+}
+
 Tensor lu_basis(const Tensor& Yt) {
+  if (Yt.is_cpu()) {  // (a zero pivot, info > 0, still leaves L unit lower-trapezoidal: a valid basis)
+    auto [LUt, piv] = lu_factor_cpu(Yt);
+    Tensor out = at::empty_like(LUt);
+    lu_basis_cpu(LUt, piv, out);
+    return out;
+  }
   // LAPACK / cuSOLVER getrf on Y [m, l], column-major = Yt row-major: no transposition.
   auto [LU, piv, info] = at::linalg_lu_factor_ex(Yt.mT(), /*pivot=*/true, /*check_errors=*/false);
   (void)info;  // a zero pivot (rank-deficient Y) still leaves L unit lower-trapezoidal, i.e. a valid basis

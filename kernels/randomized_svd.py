@@ -152,10 +152,28 @@ def _perm_from_pivots(piv, m):
     return torch.from_numpy(perm).to(piv.device)
 
 
+def _lu_factor(Y):
+    """Packed LU [B, m, l] and 1-based pivots [B, l] (int32) of Y [B, m, l], partial pivoting.
+
+    CPU tensors are factored one matrix at a time: torch 2.13's batched CPU lu_factor returns garbage pivots
+    with 2+ threads (then MKL aborts in SLASWP), the per-matrix call is correct (lu_factor_cpu of the C++ side).
+    """
+    if Y.device.type != "cpu":
+        LU, piv, _ = torch.linalg.lu_factor_ex(Y)
+        return LU, piv
+    B, m, l = Y.shape
+    LU = torch.empty(B, l, m, dtype=Y.dtype).mT   # column-major per matrix: LAPACK writes in place
+    piv = torch.empty(B, l, dtype=torch.int32)
+    info = torch.empty(B, dtype=torch.int32)
+    for b in range(B):
+        torch.linalg.lu_factor_ex(Y[b], out=(LU[b], piv[b], info[b]))
+    return LU, piv
+
+
 def _lu_basis(Yt):
     """P L of Y = P L U (partial pivoting), both given transposed: [B, l, m] -> [B, l, m]."""
     B, l, m = Yt.shape
-    LU, piv, _ = torch.linalg.lu_factor_ex(Yt.mT)   # info > 0 (zero pivot) still leaves a valid unit-L basis
+    LU, piv = _lu_factor(Yt.mT)   # info > 0 (zero pivot) still leaves a valid unit-L basis
     L = LU.tril(-1) + torch.eye(m, l, dtype=LU.dtype, device=LU.device)
     out = torch.empty_like(Yt)
     out.scatter_(2, _perm_from_pivots(piv, m)[:, None, :].expand(B, l, m), L.mT)
