@@ -8,6 +8,12 @@ pymerge.methods).
     pymerge adamerging --base DIR --model NAME=DIR [...] --data NAME=FILE.jsonl [...] --out DIR
                      [--granularity layer|task] [--steps N] [--lr ...] [--no-clamp] ...   (classification)
 
+The method options' flags are generated from the methods' declarations (the Params of
+pymerge.methods.get("divmerge") / get("adamerging"), what `pymerge methods` prints): --NAME VALUE, --no-NAME
+for a switch that defaults on (--quiet and --no-cache are the older spellings of --no-progress and
+--no-teacher-cache), --no-NAME for None where None means something (--no-clamp); their values are checked
+by the same Params as the Python call's.
+
 Models are Hugging Face directories, read locally only (HF_HUB_OFFLINE=1, local_files_only): the base with
 the fine-tuned models' class (AutoModelForSequenceClassification or AutoModelForCausalLM) and the tokenizer
 of the base (else of the first model). Data: UTF-8 JSONL (a leading byte order mark is allowed), one
@@ -27,7 +33,6 @@ by the rest of pymerge, and its sections share the CLIError convention.
 import argparse
 import codecs
 import json
-import math
 import os
 import re
 import shutil
@@ -249,24 +254,16 @@ def check_device(name):
     return device
 
 
-def _check_options(args):
-    """The numeric and regex options, before anything is read."""
-    minimums = dict(steps=0, examples_per_task=1, max_length=1, batch_size=1, epochs=1, max_new_tokens=1, top_k=0)
-    for key, low in minimums.items():
-        value = getattr(args, key, None)
-        if value is not None and value < low:
-            raise CLIError(f"--{key.replace('_', '-')} {value} must be >= {low}")
-    for key in ("lr", "temperature"):
-        value = getattr(args, key)
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            raise CLIError(f"--{key} {value} must be a positive finite number")
-    for key in ("task_specific_keys", "layer_groups"):
-        value = getattr(args, key)
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as e:
-                raise CLIError(f"--{key.replace('_', '-')} {value!r}: not a valid regular expression ({e})") from None
+def check_options(spec, opts, max_length):
+    """The method options given (checked by their Params) and --max-length, before anything is read."""
+    from .methods.params import int_at_least, problem
+    for name, value in opts.items():
+        msg = problem(spec.param(name), value)
+        if msg:
+            raise CLIError(f"{option_flag(name)} {value!r}: {msg}")
+    msg = int_at_least(1)(max_length)
+    if msg:
+        raise CLIError(f"--max-length {max_length!r}: {msg}")
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -327,21 +324,18 @@ def _load_merged(module, state_dict, what):
 # -------------------------------------------------------------------------------------------- commands
 def cmd_methods(args):
     from . import methods
-    for name in methods.available():
+    for name in methods.available("all"):
         print(methods.get(name).describe())
         print()
-    print("divmerge: DivMerge (learned coefficients, JS/KL to each fine-tuned model on unlabelled data): "
-          "`pymerge divmerge --help`")
-    print("adamerging: AdaMerging (learned coefficients, entropy minimisation on unlabelled data): "
-          "`pymerge adamerging --help`")
     return 0
 
 
-def _task_inputs(args, limit, kind, source):
-    """(base, models, data, texts, out, kind, device): the checked command line, the data files read (first
-    `limit` lines each; None: all), the output directory checked, the kind ("auto" resolved; `source` words
-    where a given one comes from) checked against the models' config.json, the device checked. Nothing is
-    loaded yet."""
+def _task_inputs(args, spec, opts, limit, kind, source, teacher_cache):
+    """(base, models, data, texts, out, kind, device): the checked command line (the method options `opts`
+    by `spec`'s Params), the data files read (first `limit` lines each; None: all), the output directory
+    checked, the teacher cache directory checked when `teacher_cache`, the kind ("auto" resolved; `source`
+    words where a given one comes from) checked against the models' config.json, the device checked.
+    Nothing is loaded yet."""
     models = parse_pairs(args.model, "--model")
     data = parse_pairs(args.data, "--data")
     if not models:
@@ -356,11 +350,12 @@ def _task_inputs(args, limit, kind, source):
     _check_model_dir(base, "--base")
     for name, path in models.items():
         _check_model_dir(path, f"--model {name}=")
-    _check_options(args)
+    check_options(spec, opts, args.max_length)
     out = _prepare_out(args.out, args.overwrite)
-    if not getattr(args, "no_cache", True):  # divmerge's teacher cache (adamerging has none)
+    if teacher_cache:
         from .teachers.cache import cache_dir
-        _check_writable(cache_dir(args.cache_dir), "--cache-dir", cache_dir(args.cache_dir))
+        where = cache_dir(opts.get("cache_dir"))
+        _check_writable(where, "--cache-dir", where)
     device = check_device(args.device)
     if kind == "auto":
         kind, flag = kind_from_configs(base, models)
@@ -370,17 +365,13 @@ def _task_inputs(args, limit, kind, source):
     return base, models, data, texts, out, kind, device
 
 
-def _learn_options(args):
-    """The optimisation options given on the command line (the method's defaults for the others)."""
-    opts = dict(progress=not args.quiet)
-    for key in ("lr", "epochs", "steps", "seed", "temperature", "batch_size", "examples_per_task", "init",
-                "layer_groups"):
-        if getattr(args, key) is not None:
-            opts[key] = getattr(args, key)
-    if args.epochs is not None and args.steps is None:
-        opts["steps"] = None  # --epochs counts, also for a method whose default is a number of steps
-    if args.start != "pretrained":
-        opts["start"] = args.start
+def given_options(args, spec, kind=None):
+    """{name: value} of `spec`'s options given on the command line (the method's defaults hold for the
+    others), those of another model kind than `kind` left out; --epochs without --steps counts, also for a
+    method whose default is a number of steps."""
+    opts = {p.name: getattr(args, p.name) for p in spec.params_for(kind) if hasattr(args, p.name)}
+    if "epochs" in opts and "steps" not in opts:
+        opts["steps"] = None
     return opts
 
 
@@ -396,13 +387,13 @@ def _loaders(auto, models, dtype, device):
     return {n: (lambda p=p: _load(auto, p, dtype, device)[0]) for n, p in models.items()}
 
 
-def _classification_setup(tf, args, base, models, texts, tok, dtype, device):
-    """(base model, loaders, batches per task, task-specific keys, pad value) for sequence classifiers."""
+def _classification_setup(tf, args, task_specific, base, models, texts, tok, dtype, device):
+    """(base model, loaders, batches per task, task-specific keys, pad value) for sequence classifiers;
+    task_specific None: the head."""
     auto = tf.AutoModelForSequenceClassification
     num_labels = tf.AutoConfig.from_pretrained(str(next(iter(models.values()))), local_files_only=True).num_labels
     base_model, info = _load(auto, base, dtype, device, num_labels=num_labels, ignore_mismatched_sizes=True,
                              output_loading_info=True)
-    task_specific = args.task_specific_keys
     if task_specific is None:
         # The head: what the base checkpoint lacks (or holds in another size) for a classifier.
         head = sorted(set(info.get("missing_keys", ())) | {m[0] for m in info.get("mismatched_keys", ())})
@@ -447,85 +438,116 @@ def _write_result(result, loaders, tok, out, config):
         raise
 
 
-def _finish(args, result, kind, base, models, data, tok, tok_dir, task_specific, loaders, out):
+def _finish(result, kind, base, models, data, tok, tok_dir, task_specific, loaders, out):
     _write_result(result, loaders, tok, out, dict(
         kind=kind, base=str(base), models={n: str(p) for n, p in models.items()},
         data={n: str(p) for n, p in data.items()}, tokenizer=str(tok_dir), task_specific_keys=task_specific))
     last = f"{result.losses[-1]:.4g}" if result.losses else "n/a (0 steps)"
-    print(f"pymerge {result.method}: {kind}, {len(result.tasks)} tasks, {args.granularity} level, "
+    print(f"pymerge {result.method}: {kind}, {len(result.tasks)} tasks, {result.granularity} level, "
           f"{len(result.losses)} steps, final loss {last} -> {out}")
     return 0
 
 
 def cmd_divmerge(args):
-    from .methods.divmerge import EXAMPLES_PER_TASK, divmerge
-    limit = args.examples_per_task if args.examples_per_task is not None else EXAMPLES_PER_TASK[args.granularity]
-    base, models, data, texts, out, kind, device = _task_inputs(args, limit, args.kind, f"--kind {args.kind}")
+    from .methods.divmerge import EXAMPLES_PER_TASK, SPEC, divmerge
+    opts = given_options(args, SPEC)
+    granularity = opts.get("granularity", SPEC.param("granularity").default)
+    limit = opts["examples_per_task"] if "examples_per_task" in opts else EXAMPLES_PER_TASK[granularity]
+    given_kind = opts.get("kind", SPEC.param("kind").default)
+    base, models, data, texts, out, kind, device = _task_inputs(
+        args, SPEC, opts, limit, given_kind, f"--kind {given_kind}", opts.get("teacher_cache", True))
+    opts = given_options(args, SPEC, kind)  # the other kind's options (given to a kind="auto" run) do not apply
+    opts["kind"] = kind
     tf, dtype, tok, tok_dir = _runtime(args, base, models)
-    opts = _learn_options(args)
-    opts.update(teacher_cache=not args.no_cache, cache_dir=args.cache_dir)
+    task_specific = opts.pop("task_specific_keys", None)
     if kind == "causal-lm":
         auto = tf.AutoModelForCausalLM
         base_model, _ = _load(auto, base, dtype, device)
         loaders = _loaders(auto, models, dtype, device)
         inputs = {n: _prompts(tok, texts[n], args.max_length) for n in models}
-        task_specific = args.task_specific_keys
-        opts.update(max_new_tokens=args.max_new_tokens, top_k=None if args.top_k == 0 else args.top_k)
     else:
-        base_model, loaders, inputs, task_specific, pad = _classification_setup(tf, args, base, models, texts, tok,
-                                                                                dtype, device)
-        opts["pad_value"] = pad
-    result = _learn(divmerge, base_model, loaders, inputs, kind=kind, task_specific_keys=task_specific,
-                    granularity=args.granularity, divergence=args.divergence, **opts)
+        base_model, loaders, inputs, task_specific, opts["pad_value"] = _classification_setup(
+            tf, args, task_specific, base, models, texts, tok, dtype, device)
+    result = _learn(divmerge, base_model, loaders, inputs, task_specific_keys=task_specific, **opts)
     del base_model
-    return _finish(args, result, kind, base, models, data, tok, tok_dir, task_specific, loaders, out)
+    return _finish(result, kind, base, models, data, tok, tok_dir, task_specific, loaders, out)
 
 
 def cmd_adamerging(args):
-    from .methods.adamerging import adamerging
+    from .methods.adamerging import SPEC, adamerging
+    opts = given_options(args, SPEC)
     base, models, data, texts, out, _, device = _task_inputs(
-        args, args.examples_per_task, "classification", "adamerging merges sequence classifiers, its entropy is "
-        "over each task head's class predictions; for causal LMs use `pymerge divmerge`")
+        args, SPEC, opts, opts.get("examples_per_task"), "classification", "adamerging merges sequence "
+        "classifiers, its entropy is over each task head's class predictions; for causal LMs use `pymerge divmerge`",
+        teacher_cache=False)
     tf, dtype, tok, tok_dir = _runtime(args, base, models)
-    opts = _learn_options(args)
-    if args.no_clamp:
-        opts["clamp"] = None
-    base_model, loaders, batches, task_specific, pad = _classification_setup(tf, args, base, models, texts, tok,
-                                                                             dtype, device)
-    result = _learn(adamerging, base_model, loaders, batches, task_specific_keys=task_specific,
-                    granularity=args.granularity, pad_value=pad, **opts)
+    base_model, loaders, batches, task_specific, opts["pad_value"] = _classification_setup(
+        tf, args, opts.pop("task_specific_keys", None), base, models, texts, tok, dtype, device)
+    result = _learn(adamerging, base_model, loaders, batches, task_specific_keys=task_specific, **opts)
     del base_model
-    return _finish(args, result, "classification", base, models, data, tok, tok_dir, task_specific, loaders, out)
+    return _finish(result, "classification", base, models, data, tok, tok_dir, task_specific, loaders, out)
 
 
 # ------------------------------------------------------------------------------------------------- main
-def _add_learn_arguments(p, defaults):
-    """The arguments divmerge and adamerging share; `defaults` words the method's defaults for the help."""
+# The command's own arguments (inputs, output, model loading): every other flag of `pymerge divmerge` /
+# `pymerge adamerging` is generated from a Param of the method's SPEC (add_option_flags).
+IO_ARGUMENTS = ("base", "model", "data", "out", "overwrite", "max_length", "device", "dtype")
+# Earlier spellings of generated flags, kept working.
+FLAG_ALIASES = {"progress": ("--quiet",), "teacher_cache": ("--no-cache",)}
+# What the command does itself where an option is not given.
+CLI_NOTES = {"task_specific_keys": "here, for classification: the head, i.e. the keys the base checkpoint lacks"}
+
+
+def option_flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def _metavar(p):
+    """REGEX / DIR for the options their check reads so, else argparse's own (the option's name)."""
+    from .methods.params import path_like, regex
+    return {regex: "REGEX", path_like: "DIR"}.get(p.check)
+
+
+def add_option_flags(parser, spec):
+    """One flag per Param of `spec` that text can give: --NAME VALUE for type int, float or str (with its
+    choices), --no-NAME for a bool defaulting to True (--NAME for one defaulting to False), and --no-NAME for
+    None where an optional Param's default is not None (AdaMerging's --no-clamp). Each flag's dest is the
+    Param's name and its default argparse.SUPPRESS: the namespace holds the options given, and the method's
+    defaults apply to the others (given_options)."""
+    group = parser.add_argument_group(f"{spec.name} options (pymerge.methods.get({spec.name!r}).describe())")
+    for p in spec.params:
+        words = p.help + (f" (default {p.default!r})" if p.default is not None else "")
+        if p.model_kinds is not None:
+            words = f"{' / '.join(p.model_kinds)} only: {words}"
+        if p.name in CLI_NOTES:
+            words += f"; {CLI_NOTES[p.name]}"
+        words = words.replace("%", "%%")  # argparse formats help with %
+        aliases = FLAG_ALIASES.get(p.name, ())
+        if p.type is bool:
+            negated = p.default is True
+            flag = f"--no-{option_flag(p.name)[2:]}" if negated else option_flag(p.name)
+            group.add_argument(flag, *aliases, dest=p.name, action="store_false" if negated else "store_true",
+                               default=argparse.SUPPRESS, help=f"{'off' if negated else 'on'}: {p.help}")
+            continue
+        if p.type in (int, float, str):
+            group.add_argument(option_flag(p.name), *aliases, dest=p.name, type=p.type, choices=p.choices,
+                               metavar=_metavar(p), default=argparse.SUPPRESS, help=words)
+        if p.optional and p.default is not None:
+            none_help = p.help.rpartition("None = ")[2] if "None = " in p.help else "None"
+            group.add_argument(f"--no-{option_flag(p.name)[2:]}", dest=p.name, action="store_const", const=None,
+                               default=argparse.SUPPRESS, help=f"{p.name} = None: {none_help}".replace("%", "%%"))
+
+
+def _add_io_arguments(p):
+    """The arguments of IO_ARGUMENTS, which divmerge and adamerging share."""
     p.add_argument("--base", required=True, metavar="DIR", help="pretrained base model directory (θ_0)")
     p.add_argument("--model", action="append", metavar="NAME=DIR", help="a fine-tuned model (repeat per task)")
     p.add_argument("--data", action="append", metavar="NAME=FILE", help='JSONL of {"text": ...} for task NAME')
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--granularity", choices=("layer", "task"), default="layer")
-    p.add_argument("--task-specific-keys", metavar="REGEX",
-                   help="keys not merged, each task keeps its own (default for classification: the head, i.e. "
-                        "the keys the base checkpoint lacks)")
-    p.add_argument("--layer-groups", metavar="REGEX", help="one Γ per task per regex match (layer granularity)")
-    p.add_argument("--start", choices=("pretrained", "cart"), default="pretrained")
-    p.add_argument("--init", type=float, help=f"initial Γ (default {defaults['init']})")
-    p.add_argument("--lr", type=float, help=f"Adam learning rate (default {defaults['lr']})")
-    p.add_argument("--epochs", type=int, help=f"passes over the data (default {defaults['epochs']})")
-    p.add_argument("--steps", type=int, help=f"optimisation steps, overrides --epochs (default {defaults['steps']})")
-    p.add_argument("--batch-size", type=int,
-                   help=f"examples per step, mixed across tasks (default {defaults['batch_size']})")
-    p.add_argument("--examples-per-task", type=int,
-                   help=f"unlabelled examples per task (default {defaults['examples_per_task']})")
-    p.add_argument("--temperature", type=float, help="softmax temperature (default 1.0)")
-    p.add_argument("--seed", type=int, help="seed of the batch order (default 0)")
     p.add_argument("--max-length", type=int, default=128, help="truncate inputs/prompts to this many tokens")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"), default="float32")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser():
@@ -534,34 +556,14 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("methods", help="list the registered merging methods and their parameters")
     m.set_defaults(func=cmd_methods)
-
-    d = sub.add_parser("divmerge", help="learn merge coefficients with DivMerge on unlabelled task data",
-                       description="DivMerge: learn Γ so that θ_0 + Σ_t Γ_t τ_t stays close (JS or KL) to each "
-                                   "fine-tuned model on unlabelled inputs of its task.")
-    _add_learn_arguments(d, dict(init="1/T", lr=dm.DEFAULTS["lr"], epochs=dm.DEFAULTS["epochs"],
-                                 steps="none: --epochs", batch_size="4*T",
-                                 examples_per_task="{task} task level, {layer} layer level"
-                                 .format(**dm.EXAMPLES_PER_TASK)))
-    d.add_argument("--kind", choices=dm.KINDS, default="auto", help="model kind (default: from config.json)")
-    d.add_argument("--divergence", choices=("js", "kl"), default="js")
-    d.add_argument("--max-new-tokens", type=int, default=dm.CAUSAL_LM_DEFAULTS["max_new_tokens"],
-                   help="causal LM: teacher continuation length")
-    d.add_argument("--top-k", type=int, default=dm.CAUSAL_LM_DEFAULTS["top_k"],
-                   help="causal LM: cached teacher top-k (0: dense)")
-    d.add_argument("--cache-dir", metavar="DIR", help="teacher cache (default $PYMERGE_CACHE or ~/.cache/pymerge)")
-    d.add_argument("--no-cache", action="store_true", help="do not read or write the teacher cache")
-    d.set_defaults(func=cmd_divmerge)
-
-    a = sub.add_parser("adamerging", help="learn merge coefficients with AdaMerging (entropy minimisation)",
-                       description="AdaMerging: learn Γ minimising the entropy of θ_0 + Σ_t Γ_t τ_t's predictions "
-                                   "(task t's head) on unlabelled inputs of each task; sequence classifiers. "
-                                   "Official defaults: init 0.3, Adam lr 1e-3, 500 steps, 16 examples per task "
-                                   "per step, Γ clamped to [0, 1].")
-    _add_learn_arguments(a, dict(init=ada.DEFAULTS["init"], lr=ada.DEFAULTS["lr"], epochs="none: --steps",
-                                 steps=ada.DEFAULTS["steps"], batch_size=f"{ada.BATCH_PER_TASK}*T",
-                                 examples_per_task="all lines"))
-    a.add_argument("--no-clamp", action="store_true", help="leave Γ unconstrained (default: clamped to [0, 1])")
-    a.set_defaults(func=cmd_adamerging)
+    for spec, func, short in ((dm.SPEC, cmd_divmerge, "learn merge coefficients with DivMerge on unlabelled task "
+                               "data"),
+                              (ada.SPEC, cmd_adamerging, "learn merge coefficients with AdaMerging (entropy "
+                               "minimisation)")):
+        command = sub.add_parser(spec.name, help=short, description=spec.description)
+        _add_io_arguments(command)
+        add_option_flags(command, spec)
+        command.set_defaults(func=func)
     return p
 
 

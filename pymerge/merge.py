@@ -13,7 +13,7 @@ import torch
 
 from . import methods as _methods
 from .dtypes import FLOAT_DTYPES
-from .methods.spec import KeyGroup, KeyInfo, MethodSpec
+from .methods.spec import KeyGroup, KeyInfo, LearnedMethodSpec, MethodSpec
 
 # Inputs (theta_0..theta_T) of one KeyGroup are at most this many bytes (a single larger key is a group of
 # its own). It bounds what a method may stack at once; same-shape keys beyond it go to the next group.
@@ -121,6 +121,10 @@ def merge(method: Union[str, MethodSpec], base: Mapping[str, torch.Tensor],
     bad parameters.
     """
     spec = _methods.get(method) if isinstance(method, str) else method
+    if isinstance(spec, LearnedMethodSpec):
+        raise ValueError(f"merge: {spec.name} is a learned method: it trains merge coefficients on the fine-tuned "
+                         f"models and unlabelled data of each task; call {spec.run}(base, models, data, ...) "
+                         f"(or `pymerge {spec.name}`)")
     if not isinstance(spec, MethodSpec):
         raise ValueError(f"merge: method must be a method name or a MethodSpec, got {type(method).__name__}")
     if isinstance(models, Mapping) or isinstance(models, torch.Tensor):

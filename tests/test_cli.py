@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import pymerge
 from pymerge import cli
 from test_divmerge import one_thread, teacher_cache_dir  # noqa: F401 (autouse: 1 thread, a per-test cache)
 
@@ -110,9 +111,9 @@ def test_methods_lists_the_registry(capsys):
     from pymerge import methods
     code, out, _ = _run(["methods"], capsys)
     assert code == 0
-    for name in methods.available():
-        assert methods.get(name).describe().splitlines()[0] in out
-    assert "divmerge" in out and "pymerge adamerging --help" in out
+    for name in methods.available("all"):   # static and learned, each with its parameters
+        assert methods.get(name).describe() in out
+    assert "pymerge divmerge --help" in out and "pymerge adamerging --help" in out
 
 
 @pytest.mark.parametrize("module", ["pymerge", "pymerge.cli"])
@@ -218,6 +219,30 @@ def test_adamerging_classification_per_task_heads(bert_dirs, tmp_path, capsys, t
     assert code == 0, err
     free = json.loads((tmp_path / "free" / "adamerging.json").read_text())
     assert len(free["losses"]) == 2 and free["config"]["clamp"] == "None" and free["config"]["init"] == 0.5
+
+
+def test_generated_flags_reach_the_method(bert_dirs, tmp_path, capsys):
+    """Flags the command line did not have before its flags came from the Params: --init-from (Γ from 0 on a
+    static merge: with 0 steps the body is task arithmetic's) and --no-batch-tasks, --seed, --beta."""
+    out = tmp_path / "merged"
+    code, _, err = _run(_two_task_argv("adamerging", bert_dirs, out, "--init-from", "task_arithmetic", "--steps", "0",
+                                       "--granularity", "task", "--no-batch-tasks", "--seed", "3", "--quiet"), capsys)
+    assert code == 0, err
+    summary = json.loads((out / "adamerging.json").read_text())
+    assert summary["coefficients"] == {"a": 0.0, "b": 0.0}
+    assert summary["config"]["init_from"] == "task_arithmetic" and summary["config"]["seed"] == 3
+    key = "bert.encoder.layer.0.attention.output.dense.weight"
+    base = BertModel.from_pretrained(bert_dirs / "base").state_dict()[key[len("bert."):]]
+    fine = [AutoModelForSequenceClassification.from_pretrained(bert_dirs / n).state_dict()[key] for n in "ab"]
+    static = pymerge.merge("task_arithmetic", {key: base}, [{key: f} for f in fine])[key]   # lam = 0.3
+    torch.testing.assert_close(static, base + 0.3 * (fine[0] - base + fine[1] - base))
+    for n in "ab":
+        got = AutoModelForSequenceClassification.from_pretrained(out / n).state_dict()[key]
+        torch.testing.assert_close(got, static, atol=1e-6, rtol=1e-5)
+    code, _, err = _run(_two_task_argv("divmerge", bert_dirs, tmp_path / "beta", "--beta", "0.25", "--steps", "1",
+                                       "--granularity", "task", "--quiet"), capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "beta" / "divmerge.json").read_text())["config"]["beta"] == 0.25
 
 
 def test_adamerging_errors(bert_dirs, llama_dirs, tmp_path, capsys):
@@ -402,12 +427,12 @@ def test_bad_regex_and_sizes_are_refused_before_loading(files, capsys, no_loadin
     for extra, message in ((["--task-specific-keys", "classifier("], "--task-specific-keys 'classifier(': not a "
                                                                       "valid regular expression"),
                            (["--layer-groups", "[a"], "--layer-groups '[a': not a valid regular expression"),
-                           (["--max-length", "0"], "--max-length 0 must be >= 1"),
-                           (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
-                           (["--epochs", "0"], "--epochs 0 must be >= 1"),
-                           (["--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
-                           (["--top-k", "-1"], "--top-k -1 must be >= 0"),
-                           (["--lr", "0"], "--lr 0.0 must be a positive finite number"),
-                           (["--temperature", "nan"], "--temperature nan must be a positive finite number")):
+                           (["--max-length", "0"], "--max-length 0: must be an int >= 1"),
+                           (["--batch-size", "0"], "--batch-size 0: must be an int >= 1"),
+                           (["--epochs", "0"], "--epochs 0: must be an int >= 1"),
+                           (["--max-new-tokens", "0"], "--max-new-tokens 0: must be an int >= 1"),
+                           (["--top-k", "-1"], "--top-k -1: must be an int >= 0"),
+                           (["--lr", "0"], "--lr 0.0: must be a positive finite number"),
+                           (["--temperature", "nan"], "--temperature nan: must be a positive finite number")):
         code, _, err = _run(_divmerge_a(files, *extra), capsys)
         assert code == 2 and err.startswith(f"pymerge divmerge: error: {message}"), err

@@ -11,7 +11,7 @@ import torch
 import pymerge
 from pymerge import methods
 from pymerge.merge import _plan_groups
-from pymerge.methods import KeyGroup, KeyInfo, MethodSpec
+from pymerge.methods import KeyGroup, KeyInfo, LearnedMethodSpec, MethodSpec
 
 from backend_lists import method_backends
 
@@ -57,23 +57,27 @@ def _family(T=3, dtype=torch.float32):
 # The static methods docs/METHODS.md defines, by registry name.
 DOCUMENTED = ("weight_average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "tsv_m", "iso_c", "iso_cts",
               "cart")
+# The learned methods docs/METHODS.md defines (§AdaMerging, §DivMerge): specs too, run by their own functions.
+DOCUMENTED_LEARNED = ("adamerging", "divmerge")
 PER_MODEL = " (scalar or one per model)"
 
 
-def _method_modules():
-    """{module name: its SPEC} for every module of pymerge/methods that defines a MethodSpec."""
+def _method_modules(kind):
+    """{module name: its SPEC} for every module of pymerge/methods that defines a spec of `kind`."""
     found = {}
     for info in pkgutil.iter_modules(methods.__path__):
         spec = getattr(importlib.import_module(f"{methods.__name__}.{info.name}"), "SPEC", None)
-        if isinstance(spec, MethodSpec):
+        if isinstance(spec, (MethodSpec, LearnedMethodSpec)) and spec.kind == kind:
             found[info.name] = spec
     return found
 
 
 def test_registry_holds_every_method_module_and_documented_method():
-    modules = _method_modules()
-    assert sorted(methods.available()) == sorted(DOCUMENTED) == sorted(modules)
-    for name, spec in modules.items():
+    static, learned = _method_modules("static"), _method_modules("learned")
+    assert sorted(methods.available()) == sorted(methods.available("static")) == sorted(DOCUMENTED) == sorted(static)
+    assert sorted(methods.available("learned")) == sorted(DOCUMENTED_LEARNED) == sorted(learned)
+    assert sorted(methods.available("all")) == sorted(DOCUMENTED + DOCUMENTED_LEARNED)
+    for name, spec in {**static, **learned}.items():
         assert methods.get(name) is spec and spec.name == name
     with pytest.raises(ValueError, match="unknown merging method 'nope'"):
         methods.get("nope")
@@ -117,11 +121,11 @@ def test_unknown_and_bad_params():
     with pytest.raises(ValueError, match="weights has 2 values for 3 models"):
         pymerge.merge("task_arithmetic", base, models, weights=[1.0, 2.0])
     for bad in (0.0, 1.5, -0.1):
-        with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+        with pytest.raises(ValueError, match=rf"ties: density = {bad}: must be in \(0, 1\]"):
             pymerge.merge("ties", base, models, density=bad)
-    with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"ties: density = 0.0: must be in \(0, 1\]"):
         pymerge.merge("ties", base, models, density=[0.2, 0.3, 0.0])
-    with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"dare_linear: p = 1.0: must be in \[0, 1\)"):
         pymerge.merge("dare_linear", base, models, p=1.0)
     with pytest.raises(ValueError, match="expected one of"):
         pymerge.merge("cart", base, models, svd="full")

@@ -10,7 +10,7 @@ is trained. The merged parameters are a differentiable function of Gamma fed to 
 torch.func.functional_call: no model copy per step, no autograd graph over the delta_t, any torch model.
 
 Modules (imports run downwards only; none imports pymerge.teachers or pymerge.methods):
-    pipeline.py            learn(): the whole pipeline; LearnedMerge (the result); method_options()
+    pipeline.py            learn(): the whole pipeline; LearnedMerge (the result)
     optimizer.py           CoefficientOptimizer: Adam on Gamma over batches mixed across tasks
     merged_model.py        MergedModel: Gamma, the merged parameters, forward per task / all tasks, results
     start_points.py        StartPoint (pretrained) and StaticMergeStart (init_from a state dict or callable)
@@ -26,9 +26,9 @@ from .batching import TaskExamples, collate, collect_examples, logits_of
 from .merged_model import MergedModel
 from .objective import Objective, TeacherOptions
 from .optimizer import CoefficientOptimizer
-from .pipeline import LearnedMerge, learn, method_options
+from .pipeline import LearnedMerge, learn
 from .start_points import StartPoint, StaticMergeStart
 
-__all__ = ["learn", "method_options", "LearnedMerge", "CoefficientOptimizer", "MergedModel", "StartPoint",
+__all__ = ["learn", "LearnedMerge", "CoefficientOptimizer", "MergedModel", "StartPoint",
            "StaticMergeStart", "Objective", "TeacherOptions", "TaskExamples", "collect_examples", "collate",
            "logits_of"]

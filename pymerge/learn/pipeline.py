@@ -2,9 +2,8 @@
 
 ``learn(base, models, data, objective, *, method, ...) -> LearnedMerge``: the whole pipeline (validation,
 data, objective.prepare per model while the task vectors are read, verification of the fast paths,
-optimisation, merged state dicts); pymerge.divmerge (both kinds) and pymerge.adamerging call it.
-``method_options(method, defaults, opts, granularity)``: a method's options over its defaults, with the
-errors every method raises alike.
+optimisation, merged state dicts); pymerge.divmerge (both kinds) and pymerge.adamerging call it with their
+options (declared and checked by their SPEC, pymerge/methods/<name>.py).
 
 Result ``LearnedMerge``:
     state_dict: the merged shared entries (every key except the task-specific ones). Without
@@ -25,7 +24,7 @@ import torch
 
 from .batching import TaskExamples
 from .inputs import data_per_task, task_names_and_models
-from .merged_model import GRANULARITIES, MergedModel
+from .merged_model import MergedModel
 from .objective import Objective, TeacherOptions
 from .optimizer import CoefficientOptimizer
 from .start_points import StartPoint
@@ -69,16 +68,6 @@ class LearnedMerge:
 
 
 # ------------------------------------------------------------------------------------------------- driver
-def method_options(method, defaults, opts, granularity):
-    """dict(defaults, **opts) after the checks every learned method makes: unknown options, granularity."""
-    unknown = sorted(set(opts) - set(defaults))
-    if unknown:
-        raise ValueError(f"{method}: unknown option(s) {unknown}; known: {sorted(defaults)}")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"{method}: granularity = {granularity!r}; expected one of {GRANULARITIES}")
-    return dict(defaults, **opts)
-
-
 def learn(base, models, data, objective: Objective, *, method, task_names=None, task_specific_keys=None,
           granularity="layer", layer_groups=None, init=None, default_init=None, start: Optional[StartPoint] = None,
           lr=1e-2, batch_size=None, epochs=4, steps=None, examples_per_task=None, clamp=None, seed=0,

@@ -8,16 +8,56 @@ to [0, 1] after every step; task-wise and layer-wise. The baseline DivMerge comp
 (pymerge.learn), the entropy on the fused pymerge.ops kernel. No teacher: the fine-tuned models are only
 read for their task vectors and heads.
 """
-from ..learn.objective import Objective
-from ..learn.pipeline import learn, method_options
-from ..ops import entropy
-from .learned_starts import pop_learned_start
+from dataclasses import replace
 
-DEFAULTS = dict(lr=1e-3, batch_size=None, steps=500, epochs=1, examples_per_task=None, init=0.3, clamp=(0.0, 1.0),
-                layer_groups=None, start="pretrained", cart_rank_ratio=None, cart_keys=None, cart_svd="exact",
-                init_from=None, init_from_params=None, temperature=1.0, seed=0, progress=True, backend="auto",
-                pad_value=0, gather_embeddings=True, batch_tasks=True, task_names=None)
+from ..learn.objective import Objective
+from ..learn.pipeline import learn
+from ..ops import entropy
+from . import learned_params as lp
+from .learned_starts import pop_learned_start
+from .params import Param, finite_number
+from .spec import LearnedMethodSpec
+
 BATCH_PER_TASK = 16
+
+
+def _clamp(v):
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(finite_number(x) is None for x in v) and v[0] <= v[1]:
+        return None
+    return "must be a (low, high) pair of numbers with low <= high, or None"
+
+
+# The official code's defaults (EnnengYang/AdaMerging, docs/METHODS.md §AdaMerging).
+SPEC = LearnedMethodSpec(
+    name="adamerging",
+    description="AdaMerging (learned): Γ minimising the entropy of θ_0 + Σ_t Γ_t τ_t's predictions (task t's "
+                "head) on unlabelled data of each task; sequence classifiers; run by pymerge.adamerging(base, "
+                "models, data, ...), on the command line by `pymerge adamerging --help`",
+    run="pymerge.adamerging",
+    params=(
+        lp.GRANULARITY,
+        lp.TASK_SPECIFIC_KEYS,
+        lp.LAYER_GROUPS,
+        replace(lp.INIT, default=0.3, optional=True, help="initial Γ: a number, [T] or [G, T] values; None = 1/T "
+                "(Γ starts at 0 with init_from unless init is given)"),
+        replace(lp.LR, default=1e-3),
+        replace(lp.BATCH_SIZE, help=lp.BATCH_SIZE.help.replace("4 * T", f"{BATCH_PER_TASK} * T")),
+        replace(lp.EPOCHS, default=1),
+        replace(lp.STEPS, default=500, optional=True, help="optimisation steps; None = epochs passes over the data"),
+        replace(lp.EXAMPLES_PER_TASK, help=lp.EXAMPLES_PER_TASK.help + " (cycled)"),
+        Param("clamp", (0.0, 1.0), "Γ projected onto [low, high] after every step; None = unconstrained",
+              type=tuple, check=_clamp, optional=True),
+        lp.TEMPERATURE,
+        *lp.START_PARAMS,
+        lp.SEED,
+        lp.PROGRESS,
+        lp.BACKEND,
+        lp.GATHER_EMBEDDINGS,
+        lp.BATCH_TASKS,
+        lp.TASK_NAMES,
+        lp.PAD_VALUE,
+    ),
+)
 
 
 class EntropyObjective(Objective):
@@ -25,8 +65,7 @@ class EntropyObjective(Objective):
     needs_teacher = False
 
     def __init__(self, temperature=1.0, backend="auto"):
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"adamerging: temperature = {temperature} must be a positive number")
+        SPEC.check_values(dict(temperature=temperature, backend=backend))
         self.temperature, self.backend = float(temperature), backend
 
     def loss(self, t, logits, targets):
@@ -38,12 +77,10 @@ def adamerging(base, models, data, *, task_specific_keys=None, granularity="laye
 
     Arguments as pymerge.divmerge's classification kind (base, models, data as unlabelled batches,
     task_specific_keys, granularity "layer" | "task"). No teacher: nothing is generated or cached.
-    opts (official defaults): init=0.3, lr=1e-3 (Adam), steps=500 (set steps=None to use epochs instead),
-    batch_size=16*T (16 per task per step), clamp=(0.0, 1.0) (None: unconstrained), examples_per_task=None
-    (all of each task's data, cycled), temperature=1.0, layer_groups, start, cart_*, init_from (Gamma then
-    starts at 0), seed, progress, backend, pad_value, gather_embeddings, task_names as in divmerge.
+    opts: the options below (SPEC, printed by pymerge.methods.get("adamerging").describe(); the official
+    code's defaults, docs/METHODS.md §AdaMerging); steps=None runs `epochs` passes instead of 500 steps.
     """
-    o = method_options("adamerging", DEFAULTS, opts, granularity)
+    o = SPEC.resolve_params(dict(opts, task_specific_keys=task_specific_keys, granularity=granularity))
     objective = EntropyObjective(o.pop("temperature"), o["backend"])
     if o["batch_size"] is None:
         o["batch_size"] = BATCH_PER_TASK * len(models)
@@ -51,7 +88,10 @@ def adamerging(base, models, data, *, task_specific_keys=None, granularity="laye
     if "init" not in opts and o["init_from"] is not None:
         init = None  # start exactly at the static merge (Gamma = 0)
     start = pop_learned_start(o, "adamerging")
-    result = learn(base, models, data, objective, method="adamerging", task_specific_keys=task_specific_keys,
-                   granularity=granularity, init=init, start=start, **o)
+    result = learn(base, models, data, objective, method="adamerging", init=init, start=start, **o)
     result.config.update(temperature=objective.temperature, clamp=str(o["clamp"]))
     return result
+
+
+if adamerging.__doc__:  # None under python -OO
+    adamerging.__doc__ += "\n    " + "\n    ".join(SPEC.describe().splitlines()[1:]) + "\n"

@@ -53,9 +53,8 @@ import torch
 
 from ..dtypes import accumulation_dtype
 from ..ops import Centered, center_task_vectors, low_rank_sum, randomized_svd
-from .dare_linear import _check_seed
-from .spec import BACKEND_PARAM, KeyGroup, MethodSpec, Param, key_seed
-from .weight_average import _finite
+from .params import BACKEND_PARAM, Param, finite_number, int_at_least, integer, number_in, regex_list
+from .spec import KeyGroup, MethodSpec, key_seed
 
 DEFAULT_RANK_RATIO = 0.08
 # Randomized SVD defaults: l = 1.5 k columns (oversample None = max(10, k // 2)) and 2 power iterations.
@@ -83,34 +82,12 @@ PRESETS = {
 MATERIALIZE_BYTES = 32 << 20
 
 
-def _check_ratio(name):
-    def check(v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0:
-            return f"{name} must be in (0, 1]"
-        return None
-    return check
-
-
-def _check_int(minimum):
-    def check(v):
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            return f"must be an int >= {minimum}"
-        return None
-    return check
-
-
 def _check_selection(v):
     if v is None or callable(v) or isinstance(v, str):
         return None
     if isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v):
         return None
     return "must be None, 'vit', a regex, a list of regexes or a predicate key -> bool"
-
-
-def _check_patterns(v):
-    if isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v):
-        return None
-    return "must be a list of regexes"
 
 
 def _compile(pattern, what):
@@ -350,22 +327,23 @@ SPEC = MethodSpec(
     prepare=prepare,
     params=(
         Param("rank_ratio", None, f"k = max(1, int(rank_ratio * min(m, n))), in (0, 1]; {DEFAULT_RANK_RATIO} when "
-              "neither rank nor energy is given", check=_check_ratio("rank_ratio")),
-        Param("rank", None, "fixed rank k for every selected key (< min(m, n))", type=int, check=_check_int(1)),
+              "neither rank nor energy is given", check=number_in(0, 1, low_open=True)),
+        Param("rank", None, "fixed rank k for every selected key (< min(m, n))", type=int, check=int_at_least(1)),
         Param("energy", None, "per task and key: smallest k keeping this fraction of ||tau_bar_t||_F^2, in (0, 1]",
-              check=_check_ratio("energy")),
+              check=number_in(0, 1, low_open=True)),
         Param("lam", 2.0, "scaling of the summed low-rank centered task vectors (official 8-task ViT-B/32: 2.0)",
-              check=_finite),
+              check=finite_number),
         Param("svd", "randomized", "randomized (pymerge.ops.randomized_svd) or exact (torch.linalg.svd)", type=str,
               choices=("randomized", "exact")),
         Param("oversample", DEFAULT_OVERSAMPLE, "randomized SVD oversampling p (l = k + p columns); "
-              "None = max(10, k // 2)", type=int, check=_check_int(0)),
-        Param("power_iters", DEFAULT_POWER_ITERS, "randomized SVD power iterations q", type=int, check=_check_int(0)),
-        Param("seed", 0, "randomized SVD seed (per key); None = fresh randomness", type=int, check=_check_seed),
+              "None = max(10, k // 2)", type=int, check=int_at_least(0)),
+        Param("power_iters", DEFAULT_POWER_ITERS, "randomized SVD power iterations q", type=int, check=int_at_least(0)),
+        Param("seed", 0, "randomized SVD seed (per key); None = fresh randomness", type=int, check=integer,
+              optional=True),
         Param("low_rank_keys", None, "keys approximated in low rank: None (2-D keys minus exclude_keys), 'vit', a "
               "regex, a list of regexes or a predicate", type=object, check=_check_selection),
         Param("exclude_keys", DEFAULT_EXCLUDE_KEYS, "regexes of 2-D keys the default selection leaves at theta_avg",
-              type=tuple, check=_check_patterns),
+              type=tuple, check=regex_list),
         BACKEND_PARAM,
     ),
 )

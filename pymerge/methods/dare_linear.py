@@ -16,19 +16,15 @@ from typing import List, Sequence
 import torch
 
 from . import task_arithmetic
-from .spec import BACKEND_PARAM, KeyGroup, MethodSpec, Param, key_seed
+from .params import BACKEND_PARAM, Param, finite_number, integer, number_in
+from .spec import KeyGroup, MethodSpec, key_seed
 from .ties import CHUNK
-from .weight_average import _finite
 
-
-def _check_p(v):
-    if not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
-        return "drop probability p must be in [0, 1)"
-    return None
-
-
-def _check_seed(v):
-    return None if isinstance(v, int) and not isinstance(v, bool) else "seed must be an int or None"
+# DARE's drop probability and the seed of its masks (dare_ties.py declares the same two).
+DROP_PARAM = Param("p", 0.9, "drop probability of each task-vector entry, in [0, 1)", per_model=True,
+                   check=number_in(0, 1, high_open=True))
+DROP_SEED_PARAM = Param("seed", 0, "seed of the drop masks (per key and task); None = fresh randomness", type=int,
+                        check=integer, optional=True)
 
 
 class DareDrop:
@@ -89,11 +85,10 @@ SPEC = MethodSpec(
     description="DARE: drop tau_t entries with prob p, rescale by 1/(1-p), then task arithmetic",
     merge_group=merge_group,
     params=(
-        Param("p", 0.9, "drop probability of each task-vector entry, in [0, 1)", per_model=True, check=_check_p),
-        Param("seed", 0, "seed of the drop masks (per key and task); None = fresh randomness", type=int,
-              check=_check_seed),
-        Param("lam", 0.3, "scaling of the summed task vectors (as task_arithmetic)", check=_finite),
-        Param("weights", 1.0, "per-model multiplier of each task vector", per_model=True, check=_finite),
+        DROP_PARAM,
+        DROP_SEED_PARAM,
+        Param("lam", 0.3, "scaling of the summed task vectors (as task_arithmetic)", check=finite_number),
+        Param("weights", 1.0, "per-model multiplier of each task vector", per_model=True, check=finite_number),
         BACKEND_PARAM,
     ),
 )

@@ -9,10 +9,10 @@ mergekit with normalize=True), and it rescales survivors to keep the L1 norm ins
 """
 from typing import List
 
-from .dare_linear import DareDrop, _check_p, _check_seed
-from .spec import KeyGroup, MethodSpec, Param
+from .dare_linear import DROP_PARAM, DROP_SEED_PARAM, DareDrop
+from .params import Param, finite_number
+from .spec import KeyGroup, MethodSpec
 from .ties import sign_consensus_merge
-from .weight_average import _finite
 
 
 def merge_group(group: KeyGroup, p, seed, lam, weights) -> List:
@@ -28,11 +28,10 @@ SPEC = MethodSpec(
     description="DARE drop-and-rescale (prob p), then TIES sign election and disjoint mean; theta_0 + lam * merged",
     merge_group=merge_group,
     params=(
-        Param("p", 0.9, "drop probability of each task-vector entry, in [0, 1)", per_model=True, check=_check_p),
-        Param("seed", 0, "seed of the drop masks (per key and task); None = fresh randomness", type=int,
-              check=_check_seed),
-        Param("lam", 1.0, "scaling of the merged task vector", check=_finite),
+        DROP_PARAM,
+        DROP_SEED_PARAM,
+        Param("lam", 1.0, "scaling of the merged task vector", check=finite_number),
         Param("weights", 1.0, "per-model weight: scales tau_t before the election; weighted disjoint mean",
-              per_model=True, check=_finite),
+              per_model=True, check=finite_number),
     ),
 )

@@ -13,35 +13,105 @@ D = Jensen-Shannon (default; generalised with ``beta``, 0.5 = JS, bounded by log
     per-token distributions over ŷ are cached (top-k + tail for large vocabularies), and the merged model is
     run teacher-forced on x+ŷ; the token divergence is averaged over ŷ, then over sequences.
 The machinery (parameterisation, functional calls, optimiser, result) is pymerge.learn.pipeline.learn, the
-teachers pymerge.teachers; this file holds the objectives, the model kinds and the paper's defaults.
+teachers pymerge.teachers; this file holds the objectives, the model kinds and the options (SPEC: their
+Params, the paper's defaults).
 """
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 from torch import nn
 
-from ..learn.pipeline import learn, method_options
+from ..learn.pipeline import learn
 from ..teachers.cache import CachedTargets
 from ..teachers.classification import LogProbTeacher
 from ..teachers.divergence import DIVERGENCES, dense_divergence, sequence_divergence
 from ..teachers.generative import generative_targets, prompt_list
+from . import learned_params as lp
 from .learned_starts import pop_learned_start
+from .params import Param, boolean, int_at_least, integer, number_in, path_like
+from .spec import LearnedMethodSpec
 
 KINDS = ("auto", "classification", "causal-lm")
+# examples_per_task=None: paper Table 9's 200 (task level) / 400 (layer level) unlabelled examples per task
+EXAMPLES_PER_TASK = {"task": 200, "layer": 400}
+CLASSIFICATION, CAUSAL_LM = ("classification",), ("causal-lm",)
+
+
+def _eos_token_id(v):
+    if v == "auto" or integer(v) is None:
+        return None
+    if isinstance(v, (list, tuple)) and all(integer(e) is None for e in v):
+        return None
+    return "must be 'auto', None, an int or a list of ints"
+
+
+def _tokenizer(v):
+    return None if callable(v) else "must be a tokenizer: text -> {'input_ids': [...]} (a transformers tokenizer)"
+
 
 # Paper Table 9 (docs/METHODS.md §DivMerge): Adam lr 1e-2, batch 4 x T mixed across tasks, 4 epochs, 200 (task
-# level) / 400 (layer level) unlabelled examples per task, init 1/T, temperature 1. Options of both kinds.
-DEFAULTS = dict(lr=1e-2, batch_size=None, epochs=4, steps=None, examples_per_task=None, init=None,
-                layer_groups=None, start="pretrained", cart_rank_ratio=None, cart_keys=None, cart_svd="exact",
-                init_from=None, init_from_params=None, temperature=1.0, beta=0.5, seed=0, progress=True,
-                backend="auto", teacher_batch_size=32, pad_value=0, teacher_cache=True, cache_dir=None,
-                gather_embeddings=True, batch_tasks=True, task_names=None)
-EXAMPLES_PER_TASK = {"task": 200, "layer": 400}
-# Options of the classification kind only (the causal-LM kind batches and pads its teachers itself).
-CLASSIFICATION_ONLY = ("teacher_batch_size", "pad_value")
-# Generation and teacher-cache options of the causal-LM kind (GenerativeObjective's).
-CAUSAL_LM_DEFAULTS = dict(max_new_tokens=32, top_k=64, eos_token_id="auto", pad_token_id=None,
-                          generation_batch_size=8, tokenizer=None, use_generate=None)
+# level) / 400 (layer level) unlabelled examples per task, init 1/T, temperature 1.
+SPEC = LearnedMethodSpec(
+    name="divmerge",
+    description="DivMerge (learned): Γ minimising the divergence (JS or KL) of θ_0 + Σ_t Γ_t τ_t from each "
+                "fine-tuned model on unlabelled data of its task; run by pymerge.divmerge(base, models, data, "
+                "...), on the command line by `pymerge divmerge --help`",
+    run="pymerge.divmerge",
+    model_kinds=("classification", "causal-lm"),
+    params=(
+        Param("kind", "auto", "model kind: 'classification', 'causal-lm', or 'auto': causal-lm when a fine-tuned "
+              "model (else the base) is a Hugging Face causal LM (…ForCausalLM, …LMHeadModel)", type=str,
+              choices=KINDS),
+        Param("divergence", "js", "'js' (Jensen-Shannon, weighted by beta) or 'kl' (forward, teacher || merged)",
+              type=str, choices=DIVERGENCES),
+        lp.GRANULARITY,
+        lp.TASK_SPECIFIC_KEYS,
+        lp.LAYER_GROUPS,
+        lp.INIT,
+        lp.LR,
+        lp.BATCH_SIZE,
+        lp.EPOCHS,
+        lp.STEPS,
+        replace(lp.EXAMPLES_PER_TASK, help=lp.EXAMPLES_PER_TASK.help.replace(
+            "None = all", "None = {task} (task level) / {layer} (layer level)".format(**EXAMPLES_PER_TASK))),
+        lp.TEMPERATURE,
+        Param("beta", 0.5, "JS weight of the teacher, in (0, 1); 0.5 = Jensen-Shannon (bounded by log 2)",
+              check=number_in(0, 1, low_open=True, high_open=True)),
+        *lp.START_PARAMS,
+        lp.SEED,
+        lp.PROGRESS,
+        lp.BACKEND,
+        Param("teacher_cache", True, "cache the teachers on disk (safetensors under cache_dir/teachers, keyed by "
+              "model fingerprint + data hash + settings), so a rerun starts at the optimisation", type=bool,
+              check=boolean),
+        Param("cache_dir", None, "teacher cache directory; None = $PYMERGE_CACHE or ~/.cache/pymerge", type=str,
+              check=path_like),
+        lp.GATHER_EMBEDDINGS,
+        lp.BATCH_TASKS,
+        lp.TASK_NAMES,
+        Param("teacher_batch_size", 32, "examples per teacher forward", type=int, check=int_at_least(1),
+              model_kinds=CLASSIFICATION),
+        replace(lp.PAD_VALUE, model_kinds=CLASSIFICATION),
+        Param("max_new_tokens", 32, "teacher continuation length (greedy)", type=int, check=int_at_least(1),
+              model_kinds=CAUSAL_LM),
+        Param("top_k", 64, "teacher rows cached as top-k log-probs + tail mass (pymerge.ops.topk_divergence "
+              "bounds the approximation); 0 or None = dense", type=int, check=int_at_least(0), optional=True,
+              model_kinds=CAUSAL_LM),
+        Param("eos_token_id", "auto", "token(s) ending a continuation: 'auto' (the model's generation_config / "
+              "config), an int or a list; None = never stop early", type=object, check=_eos_token_id, optional=True,
+              model_kinds=CAUSAL_LM),
+        Param("pad_token_id", None, "pad token of the generation batches; None = the model's pad, else its eos, "
+              "else 0", type=int, check=integer, model_kinds=CAUSAL_LM),
+        Param("generation_batch_size", 8, "prompts per generation batch", type=int, check=int_at_least(1),
+              model_kinds=CAUSAL_LM),
+        Param("tokenizer", None, "tokenizes string prompts", type=object, check=_tokenizer, model_kinds=CAUSAL_LM),
+        Param("use_generate", None, "generate with model.generate (True) or a plain greedy loop (False); None = "
+              "model.generate when the model has one", type=object, check=boolean, model_kinds=CAUSAL_LM),
+    ),
+)
+# the causal-LM kind's options that configure the teachers' generation (GenerativeObjective's keywords)
+GENERATION_OPTIONS = tuple(p.name for p in SPEC.params if p.model_kinds == CAUSAL_LM)
 
 
 class DivergenceObjective(LogProbTeacher):
@@ -49,12 +119,7 @@ class DivergenceObjective(LogProbTeacher):
     teacher is fine-tuned model t's log-probabilities at the temperature (LogProbTeacher), cached."""
 
     def __init__(self, divergence="js", temperature=1.0, beta=0.5, backend="auto"):
-        if divergence not in DIVERGENCES:
-            raise ValueError(f"divmerge: divergence = {divergence!r}; expected one of {DIVERGENCES}")
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"divmerge: temperature = {temperature} must be a positive number")
-        if divergence == "js" and not 0.0 < beta < 1.0:
-            raise ValueError(f"divmerge: beta = {beta} must lie in (0, 1)")
+        SPEC.check_values(dict(divergence=divergence, temperature=temperature, beta=beta, backend=backend))
         super().__init__(temperature)
         self.divergence, self.beta, self.backend = divergence, float(beta), backend
 
@@ -82,10 +147,10 @@ class GenerativeObjective(DivergenceObjective):
                  top_k=64, eos_token_id="auto", pad_token_id=None, generation_batch_size=8, tokenizer=None,
                  use_generate=None, chunk_rows=None):
         super().__init__(divergence, temperature, beta, backend)
-        if isinstance(max_new_tokens, bool) or int(max_new_tokens) < 1:
-            raise ValueError(f"divmerge: max_new_tokens = {max_new_tokens} must be >= 1")
-        if top_k is not None and (isinstance(top_k, bool) or int(top_k) < 1):
-            raise ValueError(f"divmerge: top_k = {top_k} must be >= 1 (or None for the dense teacher)")
+        SPEC.check_values(dict(max_new_tokens=max_new_tokens, top_k=top_k, eos_token_id=eos_token_id,
+                               pad_token_id=pad_token_id, generation_batch_size=generation_batch_size,
+                               tokenizer=tokenizer, use_generate=use_generate), "causal-lm")
+        top_k = None if top_k == 0 else top_k  # 0: the dense teacher, as None
         self.generation = dict(max_new_tokens=int(max_new_tokens), top_k=top_k, eos_token_id=eos_token_id,
                                pad_token_id=pad_token_id, batch_size=generation_batch_size,
                                use_generate=use_generate)
@@ -183,52 +248,34 @@ def divmerge(base, models, data, *, task_specific_keys=None, granularity="layer"
     "attention_mask"} batches, or strings with tokenizer=); each fine-tuned model greedily continues its
     prompts and its per-token distributions over the continuation are the teachers (pymerge.teachers).
 
-    opts (defaults: docs/METHODS.md §DivMerge, from the paper's Table 9):
-      lr=1e-2 (Adam); batch_size=4*T (mixed: batch_size // T examples of every task per step);
-      epochs=4, or steps=N (overrides epochs); examples_per_task=200 (task) / 400 (layer): the first N of each
-      task's data, or all of it when shorter; init=1/T (scalar, [T] or [G, T]); layer_groups=None;
-      temperature=1.0; beta=0.5 (JS weight);
-      start="pretrained" | "cart": theta_avg + sum_t Gamma_t lowrank(theta_t - theta_avg), with
-        cart_rank_ratio=None (pymerge.methods.cart's default, 0.08), cart_keys=None (regex; default: every 2-D
-        merged key except embeddings and what pymerge.methods.cart excludes by default: heads, poolers),
-        cart_svd="exact" | "randomized";
-      init_from=None: a static method name for pymerge.merge (with init_from_params), a merged state dict, or
-        f(base_sd, model_sds, **init_from_params) -> state dict; the starting point, Gamma then starts at 0;
-      teacher_cache=True: the teachers are cached on disk (safetensors under cache_dir/teachers, default
-        $PYMERGE_CACHE or ~/.cache/pymerge; keyed by model fingerprint + data hash + settings), so a rerun
-        starts at the optimisation; result.config["teacher_cache_hits"] counts the tasks read from it;
-      seed=0; progress=True (tqdm bar, running loss); backend="auto" (pymerge.ops backend of the divergence);
-      gather_embeddings=True, batch_tasks=True (fast paths, verified once against the plain path);
-      task_names=None;
-      classification only: teacher_batch_size=32; pad_value=0 (right-padding when examples of different
-        lengths share a batch; a dict maps input names to pad values);
-      causal-lm only: max_new_tokens=32, top_k=64 (teacher top-k log-probs + tail mass; None: dense; see
-        pymerge.ops.topk_divergence for the approximation and its bound), eos_token_id="auto",
-        pad_token_id=None, generation_batch_size=8, tokenizer=None, use_generate=None.
+    opts: the options below (SPEC, printed by pymerge.methods.get("divmerge").describe(); defaults from the
+    paper's Table 9, docs/METHODS.md §DivMerge). The teachers are cached on disk unless teacher_cache=False;
+    result.config["teacher_cache_hits"] counts the tasks read from the cache.
     The fine-tuned models run once (or not at all on a cache hit); only theta_0, the task vectors, the heads
     and the cached teacher outputs stay in memory during the optimisation.
     """
-    if kind not in KINDS:
-        raise ValueError(f"divmerge: kind = {kind!r}; expected one of {KINDS}")
+    SPEC.check_values({"kind": kind})
     if kind == "auto":
         kind = infer_kind(base, models)
+    o = SPEC.resolve_params(dict(opts, task_specific_keys=task_specific_keys, granularity=granularity,
+                                 divergence=divergence, kind=kind), kind)
+    del o["kind"]
     if kind == "causal-lm":
-        defaults = {k: v for k, v in DEFAULTS.items() if k not in CLASSIFICATION_ONLY}
-        defaults.update(CAUSAL_LM_DEFAULTS)
-    else:
-        defaults = DEFAULTS
-    o = method_options(f"divmerge ({kind})", defaults, opts, granularity)
-    if kind == "causal-lm":
-        generation = {k: o.pop(k) for k in CAUSAL_LM_DEFAULTS}
-        objective = GenerativeObjective(divergence, o.pop("temperature"), o.pop("beta"), o["backend"], **generation)
+        generation = {k: o.pop(k) for k in GENERATION_OPTIONS}
+        objective = GenerativeObjective(o.pop("divergence"), o.pop("temperature"), o.pop("beta"), o["backend"],
+                                        **generation)
     else:
         generation = {}
-        objective = DivergenceObjective(divergence, o.pop("temperature"), o.pop("beta"), o["backend"])
+        objective = DivergenceObjective(o.pop("divergence"), o.pop("temperature"), o.pop("beta"), o["backend"])
     if o["examples_per_task"] is None:
         o["examples_per_task"] = EXAMPLES_PER_TASK[granularity]
     start = pop_learned_start(o, "divmerge")
-    result = learn(base, models, data, objective, method="divmerge", task_specific_keys=task_specific_keys,
-                   granularity=granularity, start=start, **o)
+    result = learn(base, models, data, objective, method="divmerge", start=start, **o)
     result.config.update(kind=kind, divergence=divergence, temperature=objective.temperature, beta=objective.beta)
-    result.config.update({k: generation[k] for k in ("max_new_tokens", "top_k") if k in generation})
+    if generation:
+        result.config.update({k: objective.generation[k] for k in ("max_new_tokens", "top_k")})
     return result
+
+
+if divmerge.__doc__:  # None under python -OO
+    divmerge.__doc__ += "\n    " + "\n    ".join(SPEC.describe().splitlines()[1:]) + "\n"

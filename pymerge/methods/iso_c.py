@@ -35,10 +35,10 @@ from typing import List
 
 import torch
 
-from .spec import BACKEND_PARAM, KeyGroup, MethodSpec, Param
+from .params import BACKEND_PARAM, Param, finite_number
+from .spec import KeyGroup, MethodSpec
 from .tsv_m import (DEFAULT_EXCLUDE_KEYS, EXCLUDE_PARAM, POLAR_PARAM, group_matrix_mask, mean_merge, polar_factor,
                     prepare_matrix_keys, task_vector_sum)
-from .weight_average import _finite
 
 
 def iso_c_matrix(base, thetas, *, alpha, polar, backend, acc):
@@ -73,7 +73,7 @@ SPEC = MethodSpec(
     prepare=prepare_matrix_keys("iso_c"),
     params=(
         Param("alpha", 1.5, "scaling of the merged task vector (FusionBench's 8-task ViT setting; tune it)",
-              check=_finite),
+              check=finite_number),
         POLAR_PARAM,
         EXCLUDE_PARAM,
         BACKEND_PARAM,

@@ -56,11 +56,11 @@ from typing import List
 import torch
 
 from ..ops import low_rank_sum, randomized_svd
-from .spec import BACKEND_PARAM, KeyGroup, MethodSpec, Param, key_seed
+from .params import BACKEND_PARAM, Param, finite_number, number_in
+from .spec import KeyGroup, MethodSpec, key_seed
 from .iso_c import iso_c_matrix
 from .tsv_m import (DEFAULT_EXCLUDE_KEYS, EXCLUDE_PARAM, POLAR_PARAM, drop_null_components, group_matrix_mask,
                     mean_merge, polar_factor, prepare_matrix_keys, svd_params, task_vector_sum)
-from .weight_average import _finite
 
 
 def common_split(r: int, T: int, fraction: float):
@@ -196,12 +196,6 @@ def merge_group(group: KeyGroup, *, alpha=1.5, common_space_fraction=0.8, svd="a
     return out
 
 
-def _check_fraction(v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
-        return "must be in [0, 1]"
-    return None
-
-
 SPEC = MethodSpec(
     name="iso_cts",
     description="Iso-CTS: isotropic merge of the common subspace of sum_t tau_t plus each task's own top directions",
@@ -209,9 +203,9 @@ SPEC = MethodSpec(
     prepare=prepare_matrix_keys("iso_cts"),
     params=(
         Param("alpha", 1.5, "scaling of the merged task vector (FusionBench's 8-task ViT setting; tune it)",
-              check=_finite),
+              check=finite_number),
         Param("common_space_fraction", 0.8, "fraction of min(m, n) kept from the summed task vectors' top "
-              "singular directions (paper / official default 0.8)", check=_check_fraction),
+              "singular directions (paper / official default 0.8)", check=number_in(0, 1)),
         *svd_params("auto", ("auto", "randomized", "exact"), 6, "max(10, 3 n_t)"),
         POLAR_PARAM,
         EXCLUDE_PARAM,

@@ -18,12 +18,12 @@ from ..learn.inputs import compile_regex
 from ..learn.start_points import StartPoint, StaticMergeStart
 from ..merge import merge
 from . import cart
+from .learned_params import START_PARAMS
+from .params import check_value
 from .spec import key_seed
 
-STARTS = ("pretrained", "cart")
 # the learned methods' options that make their start point (with backend, which their objective also reads)
-START_OPTIONS = ("start", "cart_rank_ratio", "cart_keys", "cart_svd", "init_from", "init_from_params")
-CART_SVDS = ("exact", "randomized")
+START_OPTIONS = tuple(p.name for p in START_PARAMS)
 # docs/METHODS.md §Adaptive CART: cart_svd="randomized" is pymerge.ops.randomized_svd with that op's defaults
 # (l = k + 10 columns, 2 power iterations), not static CART's l = 1.5 k.
 CART_START_OVERSAMPLE = 10
@@ -74,17 +74,16 @@ class CartStart(StartPoint):
 def learned_start(start="pretrained", *, cart_rank_ratio=None, cart_keys=None, cart_svd="exact", init_from=None,
                   init_from_params=None, backend="auto", what="learned merge") -> StartPoint:
     """The StartPoint of the learned methods' options (see the module docstring); ValueError naming the
-    option for a bad one. backend: the pymerge.ops backend of CART's randomized SVD."""
-    if start not in STARTS:
-        raise ValueError(f"{what}: start = {start!r}; expected one of {STARTS}")
+    option for a bad one (checked by the options' Params, pymerge.methods.learned_params). backend: the
+    pymerge.ops backend of CART's randomized SVD."""
+    given = dict(start=start, cart_rank_ratio=cart_rank_ratio, cart_keys=cart_keys, cart_svd=cart_svd,
+                 init_from=init_from, init_from_params=init_from_params)
+    for p in START_PARAMS:
+        check_value(what, p, given[p.name])
     if start == "cart" and init_from is not None:
         raise ValueError(f"{what}: start='cart' and init_from are exclusive (both set the starting point)")
     if cart_rank_ratio is None:
         cart_rank_ratio = cart.DEFAULT_RANK_RATIO
-    if start == "cart" and not (0.0 < float(cart_rank_ratio) <= 1.0):
-        raise ValueError(f"{what}: cart_rank_ratio = {cart_rank_ratio} must lie in (0, 1]")
-    if cart_svd not in CART_SVDS:
-        raise ValueError(f"{what}: cart_svd = {cart_svd!r}; expected 'exact' or 'randomized'")
     if start == "cart":
         return CartStart(cart_rank_ratio, cart_keys, cart_svd, backend, what)
     if init_from is None:

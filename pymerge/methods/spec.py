@@ -1,7 +1,10 @@
-"""What a merging method is: a small declarative spec (named, typed, documented parameters) plus one
-function that merges a group of same-shape keys (the mergekit MergeMethodSpec / BatchedMergeMethod idea).
-
-The CLI, the docs and the adapters all read the same MethodSpec.
+"""What a merging method is: a small declarative spec, named, typed, documented parameters (Param, see
+pymerge/methods/params.py) plus how it runs. Two kinds, both registered in pymerge.methods:
+  - MethodSpec (kind "static"): one function that merges a group of same-shape keys (the mergekit
+    MergeMethodSpec / BatchedMergeMethod idea), run by pymerge.merge;
+  - LearnedMethodSpec (kind "learned"): DivMerge, AdaMerging; their options only, the method being its own
+    function (pymerge.divmerge, pymerge.adamerging) since it needs models and data.
+The CLI, the docs and the adapters all read the same specs.
 
 Contract between pymerge.merge and a method (pymerge/methods/<name>.py defines SPEC = MethodSpec(...)):
 
@@ -21,28 +24,11 @@ Contract between pymerge.merge and a method (pymerge/methods/<name>.py defines S
 """
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..ops.backend import BACKENDS
-
-
-@dataclass(frozen=True)
-class Param:
-    """One method parameter. per_model: accepts a scalar or a list of T values (one per fine-tuned model)."""
-    name: str
-    default: Any
-    help: str
-    type: type = float
-    per_model: bool = False
-    choices: Optional[Sequence[Any]] = None
-    # Returns an error message for a bad value (one value; each element for per_model lists), or None.
-    check: Optional[Callable[[Any], Optional[str]]] = None
-
-
-# The op backend a method passes to pymerge.ops ("auto" = the fastest available for the tensors' device).
-BACKEND_PARAM = Param("backend", "auto", "pymerge.ops backend for the heavy math", type=str, choices=BACKENDS)
+from .params import Param, check_value, describe_params, reject_unknown
 
 
 @dataclass(frozen=True)
@@ -115,46 +101,76 @@ class MethodSpec:
     prepare: Optional[Callable[[dict, Dict[str, KeyInfo]], dict]] = None
     nonfinite_propagates: bool = False
 
+    kind: ClassVar[str] = "static"
+
     def resolve_params(self, given: dict, num_models: int) -> dict:
         """Defaults filled in, names and values checked; per-model values expanded to lists of length T."""
-        known = {p.name: p for p in self.params}
-        unknown = sorted(set(given) - set(known))
-        if unknown:
-            raise ValueError(f"{self.name}: unknown parameter(s) {unknown}; known: {sorted(known)}")
+        reject_unknown(self.name, given, self.params, "parameter")
         out = {}
-        for name, p in known.items():
-            value = given.get(name, p.default)
+        for p in self.params:
+            value = given.get(p.name, p.default)
             if p.per_model:
                 if isinstance(value, torch.Tensor):
                     value = value.tolist()
                 values = list(value) if isinstance(value, (list, tuple)) else [value] * num_models
                 if len(values) != num_models:
-                    raise ValueError(f"{self.name}: {name} has {len(values)} values for {num_models} models")
+                    raise ValueError(f"{self.name}: {p.name} has {len(values)} values for {num_models} models")
                 for v in values:
-                    self._check_value(p, v)
-                out[name] = values
+                    check_value(self.name, p, v)
+                out[p.name] = values
             else:
-                self._check_value(p, value)
-                out[name] = value
+                check_value(self.name, p, value)
+                out[p.name] = value
         return out
 
-    def _check_value(self, p: Param, value):
-        if p.choices is not None and value not in p.choices:
-            raise ValueError(f"{self.name}: {p.name} = {value!r}; expected one of {list(p.choices)}")
-        if value is None:
-            # None means something only for a parameter whose default is None, and for a seed (key_seed(None)
-            # draws fresh randomness); anywhere else it would reach the method's arithmetic.
-            if p.default is None or p.name == "seed":
-                return
-            raise ValueError(f"{self.name}: {p.name} = None; pass a value (default {p.default!r})")
-        if p.check is not None:
-            msg = p.check(value)
-            if msg:
-                raise ValueError(f"{self.name}: {p.name} = {value!r}: {msg}")
+    def describe(self) -> str:
+        return "\n".join([f"{self.name}: {self.description}", *describe_params(self.params)])
+
+
+@dataclass(frozen=True)
+class LearnedMethodSpec:
+    """A learned merging method (DivMerge, AdaMerging): merge coefficients trained on the fine-tuned models and
+    unlabelled data of each task, run by its own function (``run``, e.g. "pymerge.divmerge") and command
+    (``pymerge <name>``), never by pymerge.merge, which has neither models nor data.
+
+    params: its options, declared with the same Param as a static method's; the function reads defaults and
+    checks from them (resolve_params), the command line generates its flags from them, describe() lists them.
+    model_kinds: the model kinds it merges (divmerge's kind=); a Param with model_kinds applies to those only.
+    """
+    name: str
+    description: str
+    run: str
+    params: Sequence[Param] = field(default_factory=tuple)
+    model_kinds: Tuple[str, ...] = ("classification",)
+
+    kind: ClassVar[str] = "learned"
+
+    def param(self, name) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(f"{self.name} has no option {name!r}")
+
+    def params_for(self, model_kind) -> List[Param]:
+        """The options that apply to `model_kind` (None: all of them)."""
+        return [p for p in self.params if p.applies_to(model_kind)]
+
+    def owner(self, model_kind=None) -> str:
+        """How errors name the method: "divmerge (causal-lm)" where the options depend on the model kind."""
+        return f"{self.name} ({model_kind})" if model_kind is not None and len(self.model_kinds) > 1 else self.name
+
+    def check_values(self, given: dict, model_kind=None):
+        """ValueError naming the first unknown option or bad value of `given` (no defaults filled in)."""
+        params = self.params_for(model_kind)
+        reject_unknown(self.owner(model_kind), given, params, "option")
+        for p in params:
+            if p.name in given:
+                check_value(self.owner(model_kind), p, given[p.name])
+
+    def resolve_params(self, given: dict, model_kind=None) -> dict:
+        """{name: value} of every option that applies to `model_kind`: `given` over the defaults, checked."""
+        self.check_values(given, model_kind)
+        return {p.name: given.get(p.name, p.default) for p in self.params_for(model_kind)}
 
     def describe(self) -> str:
-        lines = [f"{self.name}: {self.description}"]
-        for p in self.params:
-            per = " (scalar or one per model)" if p.per_model else ""
-            lines.append(f"  {p.name} = {p.default!r}{per}: {p.help}")
-        return "\n".join(lines)
+        return "\n".join([f"{self.name}: {self.description}", *describe_params(self.params)])

@@ -9,8 +9,8 @@ from typing import List
 import torch
 
 from ..ops import center_task_vectors
-from .spec import BACKEND_PARAM, KeyGroup, MethodSpec, Param
-from .weight_average import _finite
+from .params import BACKEND_PARAM, Param, finite_number
+from .spec import KeyGroup, MethodSpec
 
 
 def task_arithmetic_coefficients(lam, weights) -> List[float]:
@@ -36,8 +36,8 @@ SPEC = MethodSpec(
     nonfinite_propagates=True,
     params=(
         Param("lam", 0.3, "scaling of the summed task vectors (searched on validation data in the papers)",
-              check=_finite),
-        Param("weights", 1.0, "per-model multiplier of each task vector", per_model=True, check=_finite),
+              check=finite_number),
+        Param("weights", 1.0, "per-model multiplier of each task vector", per_model=True, check=finite_number),
         BACKEND_PARAM,
     ),
 )

@@ -25,18 +25,13 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .spec import KeyGroup, MethodSpec, Param
-from .weight_average import _finite, weight_scale
+from .params import Param, finite_number, number_in
+from .spec import KeyGroup, MethodSpec
+from .weight_average import weight_scale
 
 # Elements of one key processed per step (per task): T * CHUNK * 4 bytes of fp32 scratch (2 MiB at T = 8), so
 # the ~10 elementwise passes of a step run in cache rather than at memory bandwidth.
 CHUNK = 1 << 16
-
-
-def _check_density(v):
-    if not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0:
-        return "density must be in (0, 1]"
-    return None
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -194,9 +189,9 @@ SPEC = MethodSpec(
     merge_group=merge_group,
     params=(
         Param("density", 0.2, "fraction of each task vector's entries kept (largest |tau|), in (0, 1]",
-              per_model=True, check=_check_density),
-        Param("lam", 1.0, "scaling of the merged task vector", check=_finite),
+              per_model=True, check=number_in(0, 1, low_open=True)),
+        Param("lam", 1.0, "scaling of the merged task vector", check=finite_number),
         Param("weights", 1.0, "per-model weight: scales tau_t before the election; weighted disjoint mean",
-              per_model=True, check=_finite),
+              per_model=True, check=finite_number),
     ),
 )

@@ -55,28 +55,14 @@ import torch
 
 from ..ops import Centered, low_rank_sum, randomized_svd
 from .cart import DEFAULT_EXCLUDE_KEYS
-from .spec import BACKEND_PARAM, KeyGroup, KeyInfo, MethodSpec, Param, key_seed
-from .weight_average import _finite
+from .params import BACKEND_PARAM, Param, finite_number, int_at_least, regex_list
+from .spec import KeyGroup, KeyInfo, MethodSpec, key_seed
 
 # polar via the Gram matrix is accepted when eps * cond(X)^2 stays below this (see the module doc).
 GRAM_MAX_ERROR = 1e-6
 
 
 # ------------------------------------------------------------------------------------ shared helpers
-def check_int(minimum):
-    def check(v):
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            return f"must be an int >= {minimum}"
-        return None
-    return check
-
-
-def check_patterns(v):
-    if isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v):
-        return None
-    return "must be a list of regexes (re.search on the key name)"
-
-
 def matrix_keys(method: str, keys: Dict[str, KeyInfo], exclude_keys: Sequence[str]) -> List[str]:
     """Names of the 2-D keys merged as matrices: every 2-D key matching none of exclude_keys (regexes,
     re.search). Conv kernels and other >2-D keys are not matrices (as in the official code and FusionBench).
@@ -251,10 +237,10 @@ def svd_params(default_svd, svd_choices, power_iters, oversample_help):
               "(torch.linalg.svd, the official route)" + (", auto (see the method's doc)" if "auto" in svd_choices
                                                           else ""), type=str, choices=svd_choices),
         Param("oversample", None, "randomized SVD oversampling p; None = " + oversample_help, type=int,
-              check=check_int(0)),
-        Param("power_iters", power_iters, "randomized SVD power iterations q", type=int, check=check_int(0)),
+              check=int_at_least(0)),
+        Param("power_iters", power_iters, "randomized SVD power iterations q", type=int, check=int_at_least(0)),
         Param("seed", 0, "randomized SVD seed (mixed with each key name); None = fresh randomness", type=int,
-              check=check_int(-(1 << 62))),
+              check=int_at_least(-(1 << 62)), optional=True),
     )
 
 
@@ -263,7 +249,7 @@ POLAR_PARAM = Param("polar", "auto", "how polar factors are computed: auto (SVD;
                     choices=("auto", "svd", "gram"))
 EXCLUDE_PARAM = Param("exclude_keys", DEFAULT_EXCLUDE_KEYS, "regexes of 2-D keys merged by the mean of task "
                       "vectors instead (default: embeddings and heads; () = every 2-D key, as FusionBench)",
-                      type=tuple, check=check_patterns)
+                      type=tuple, check=regex_list)
 
 SPEC = MethodSpec(
     name="tsv_m",
@@ -271,7 +257,8 @@ SPEC = MethodSpec(
     merge_group=merge_group,
     prepare=prepare_matrix_keys("tsv_m"),
     params=(
-        Param("alpha", 1.0, "scaling of the merged task vector (official / FusionBench default 1.0)", check=_finite),
+        Param("alpha", 1.0, "scaling of the merged task vector (official / FusionBench default 1.0)",
+              check=finite_number),
         *svd_params("randomized", ("randomized", "exact"), 4, "max(10, d): the range finder holds 2d columns"),
         POLAR_PARAM,
         EXCLUDE_PARAM,

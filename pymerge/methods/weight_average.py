@@ -8,11 +8,8 @@ from typing import List
 import torch
 
 from ..ops import center_task_vectors
-from .spec import BACKEND_PARAM, KeyGroup, MethodSpec, Param
-
-
-def _finite(v):
-    return None if isinstance(v, (int, float)) and abs(float(v)) < float("inf") else "must be a finite number"
+from .params import BACKEND_PARAM, Param, finite_number
+from .spec import KeyGroup, MethodSpec
 
 
 def weight_scale(weights) -> float:
@@ -55,7 +52,8 @@ SPEC = MethodSpec(
     # One fused weighted sum (center_task_vectors) over every input: NaN/Inf always reach the output.
     nonfinite_propagates=True,
     params=(
-        Param("weights", 1.0, "relative weight of each model (normalised to sum 1)", per_model=True, check=_finite),
+        Param("weights", 1.0, "relative weight of each model (normalised to sum 1)", per_model=True,
+              check=finite_number),
         BACKEND_PARAM,
     ),
 )
