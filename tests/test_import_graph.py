@@ -20,6 +20,7 @@ LAYERS = (
     ("learn", ("pymerge.learn",)),
     ("teachers", ("pymerge.teachers",)),
     ("methods", ("pymerge.methods", "pymerge.merge")),
+    ("peers, synthetic models", ("pymerge.peers", "pymerge.synthetic")),   # tests', benchmarks', demo's support
     ("entry points", ("pymerge", "pymerge.__main__", "pymerge.cli", "pymerge.demo")),
 )
 

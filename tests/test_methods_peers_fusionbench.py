@@ -1,6 +1,7 @@
 """TSV-M, Iso-C and Iso-CTS against FusionBench 0.2.33's own implementations on the same tensors.
 
-Oracles (the lowest-level functions FusionBench's algorithm classes call, on lists of task-vector state dicts):
+Oracles (pymerge/peers/fusionbench.py, the benchmarks' baseline too: the lowest-level functions FusionBench's
+algorithm classes call, on lists of task-vector state dicts):
   fusion_bench.method.task_singular_vector.utils.TSVM_utils.compute_and_sum_svd_mem_reduction   (TSV-M)
   fusion_bench.method.isotropic_merging.iso_utils.iso_c / iso_cts                                (Iso-C / -CTS)
 followed, as in TaskSingularVectorMerging.run / IsotropicMergingIn*.run, by theta_0 + alpha * merged.
@@ -12,16 +13,14 @@ Agreement: float64 inputs to 1e-9 (relative to the merged task vector), float32 
 float32 rounding (see tests/test_methods_tsv_iso.py), pymerge's default randomized SVDs within the documented
 randomized bounds. Deliberate deviations are pinned in the tests at the end of this file.
 """
-import contextlib
-import io
 import re
 
 import pytest
 import torch
-from fusion_bench.method.isotropic_merging import iso_utils
-from fusion_bench.method.task_singular_vector.utils import TSVM_utils
 
 import pymerge
+from pymerge.peers import fusionbench
+from pymerge.synthetic import decaying_matrix
 
 F64 = torch.float64
 ALPHA = {"tsv_m": 1.0, "iso_c": 1.5, "iso_cts": 1.5}
@@ -30,38 +29,17 @@ SHAPES = {"layer.0.attn.q.weight": (32, 32), "layer.0.attn.q.bias": (32,), "laye
           "layer.0.mlp.fc2.weight": (32, 64), "layer.0.norm.weight": (32,), "layer.1.attn.q.weight": (32, 32)}
 
 
-def fusionbench(method, base, models, alpha, exclude_keys=None, fraction=0.8):
-    """FusionBench's merge, exactly as its algorithm classes run it (minus model loading)."""
-    with contextlib.redirect_stdout(io.StringIO()):          # it prints a line per key
-        tvs = [{k: m[k] - base[k] for k in base} for m in models]
-        if method == "tsv_m":
-            merged = TSVM_utils.compute_and_sum_svd_mem_reduction(tvs, exclude_keys=exclude_keys, accelerator="cpu")
-        elif method == "iso_c":
-            merged = iso_utils.iso_c(tvs, accelerator="cpu", exclude_keys=exclude_keys)
-        else:
-            merged = iso_utils.iso_cts(tvs, common_space_fraction=fraction, accelerator="cpu",
-                                       exclude_keys=exclude_keys)
-    return {k: base[k] + alpha * merged[k] for k in base}
-
-
-def _decaying(m, n, g, decay=0.8, scale=1e-2):
-    r = min(m, n)
-    U = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=F64)).Q
-    V = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=F64)).Q
-    return (U * (scale * decay ** torch.arange(r, dtype=F64))) @ V.mT
-
-
 def state_dicts(T=4, seed=0, kind="gauss", dtype=F64):
     """base + T models. gauss: i.i.d. task vectors; decaying: shared + per-task parts with sigma_i ~ 0.8^i."""
     g = torch.Generator().manual_seed(seed)
     base = {k: torch.randn(s, generator=g, dtype=F64) for k, s in SHAPES.items()}
-    shared = {k: _decaying(*s, g) for k, s in SHAPES.items() if len(s) == 2}
+    shared = {k: decaying_matrix(*s, g, decay=0.8, scale=1e-2) for k, s in SHAPES.items() if len(s) == 2}
     models = []
     for _ in range(T):
         sd = {}
         for k, s in SHAPES.items():
             if len(s) == 2 and kind == "decaying":
-                sd[k] = base[k] + 0.5 * shared[k] + _decaying(*s, g)
+                sd[k] = base[k] + 0.5 * shared[k] + decaying_matrix(*s, g, decay=0.8, scale=1e-2)
             else:
                 sd[k] = base[k] + 0.05 * torch.randn(s, generator=g, dtype=F64)
         models.append(sd)
@@ -86,7 +64,7 @@ def _exact(method):
 def test_exact_equals_fusionbench_fp64(method, T):
     base, models = state_dicts(T, seed=T)
     a = ALPHA[method]
-    fb = fusionbench(method, base, models, a)
+    fb = fusionbench.merge(method, base, models, scaling_factor=a)
     pm = pymerge.merge(method, base, models, alpha=a, exclude_keys=(), backend="reference", **_exact(method))
     for k in base:
         assert rel(pm, fb, base, [k]) < 1e-9, k
@@ -97,9 +75,9 @@ def test_exact_equals_fusionbench_fp64(method, T):
 def test_exact_equals_fusionbench_fp32(method, kind):
     base, models = state_dicts(4, seed=1, kind=kind)
     a = ALPHA[method]
-    ref = fusionbench(method, base, models, a)                         # float64: the formula's exact value
+    ref = fusionbench.merge(method, base, models, scaling_factor=a)     # float64: the formula's exact value
     b32, m32 = {k: v.float() for k, v in base.items()}, [{k: v.float() for k, v in m.items()} for m in models]
-    fb32 = fusionbench(method, b32, m32, a)
+    fb32 = fusionbench.merge(method, b32, m32, scaling_factor=a)
     pm32 = pymerge.merge(method, b32, m32, alpha=a, exclude_keys=(), **_exact(method))
     inherent = rel(fb32, ref, base)
     assert rel(pm32, ref, base) <= max(4 * inherent, 1e-5)
@@ -111,7 +89,7 @@ def test_exact_equals_fusionbench_fp32(method, kind):
 def test_default_randomized_within_bound_of_fusionbench(method):
     base, models = state_dicts(4, seed=2, kind="decaying")
     b32, m32 = {k: v.float() for k, v in base.items()}, [{k: v.float() for k, v in m.items()} for m in models]
-    fb = fusionbench(method, base, models, ALPHA[method])
+    fb = fusionbench.merge(method, base, models, scaling_factor=ALPHA[method])
     pm = pymerge.merge(method, b32, m32, exclude_keys=())             # every default: randomized SVDs
     assert rel(pm, fb, base) < RANDOMIZED_BOUND[method]
 
@@ -121,7 +99,7 @@ def test_exclude_keys_by_exact_name(method):
     """FusionBench's exclude_keys are exact names; pymerge's are regexes: re.escape gives the same selection."""
     base, models = state_dicts(3, seed=3)
     name = "layer.0.mlp.fc1.weight"
-    fb = fusionbench(method, base, models, ALPHA[method], exclude_keys=[name])
+    fb = fusionbench.merge(method, base, models, scaling_factor=ALPHA[method], exclude_keys=[name])
     pm = pymerge.merge(method, base, models, alpha=ALPHA[method], exclude_keys=[re.escape(name)],
                        backend="reference", **_exact(method))
     assert rel(pm, fb, base) < 1e-9
@@ -132,7 +110,7 @@ def test_exclude_keys_by_exact_name(method):
 @pytest.mark.parametrize("fraction", [0.5, 0.8, 0.95])
 def test_iso_cts_common_space_fraction(fraction):
     base, models = state_dicts(4, seed=4)
-    fb = fusionbench("iso_cts", base, models, 1.5, fraction=fraction)
+    fb = fusionbench.merge("iso_cts", base, models, scaling_factor=1.5, common_space_fraction=fraction)
     pm = pymerge.merge("iso_cts", base, models, common_space_fraction=fraction, exclude_keys=(), svd="exact")
     assert rel(pm, fb, base) < 1e-9
 
@@ -169,7 +147,7 @@ def test_deviation_tsv_m_zero_task_vector():
     key = "layer.0.attn.q.weight"
     models[2][key] = base[key].clone()                                  # task 3 did not touch this key
     pm = pymerge.merge("tsv_m", base, models, exclude_keys=(), svd="exact")
-    fb = fusionbench("tsv_m", base, models, 1.0)
+    fb = fusionbench.merge("tsv_m", base, models, scaling_factor=1.0)
     expected = _drop_task_from_tsv_m(base, models, key, dropped=2)
     assert rel(pm, {key: expected}, base, [key]) < 1e-9
     assert rel(pm, fb, base, [key]) > 1e-3                              # FusionBench: arbitrary directions mixed in
@@ -185,7 +163,7 @@ def test_deviation_iso_cts_zero_task_vector():
     key = "layer.0.attn.q.weight"
     models[1][key] = base[key].clone()
     pm = pymerge.merge("iso_cts", base, models, exclude_keys=(), svd="exact", alpha=1.0)
-    fb = fusionbench("iso_cts", base, models, 1.0)
+    fb = fusionbench.merge("iso_cts", base, models, scaling_factor=1.0)
     assert rel(pm, fb, base, [key]) > 1e-3
     others = [k for k in base if k != key]
     assert rel(pm, fb, base, others) < 1e-9
@@ -207,7 +185,8 @@ def test_deviation_iso_cts_rounding_past_r():
     base = {"w": torch.randn(7, 9, generator=g, dtype=F64)}
     models = [{"w": base["w"] + 0.1 * torch.randn(7, 9, generator=g, dtype=F64)} for _ in range(2)]
     with pytest.raises(RuntimeError):
-        fusionbench("iso_cts", base, models, 1.0, fraction=0.0)        # k_c = 7 - round(3.5) * 2 = -1
+        # k_c = 7 - round(3.5) * 2 = -1
+        fusionbench.merge("iso_cts", base, models, scaling_factor=1.0, common_space_fraction=0.0)
     out = pymerge.merge("iso_cts", base, models, common_space_fraction=0.0, alpha=1.0, svd="exact")
     s = torch.linalg.svdvals(out["w"] - base["w"])
     assert float((s - s.mean()).abs().max() / s.mean()) < 1e-9         # still isotropic, k_c = 1, n_t = 3

@@ -1,20 +1,21 @@
-"""The peers' own merge code as oracle: mergekit 0.1.5 (`GeneralizedTaskArithmeticMerge` via its registry, the
-same code `mergekit-yaml` runs) and peft's `merge_utils`, on the same tensors as pymerge.
+"""The peers' own merge code as oracle: mergekit 0.1.5 (`GeneralizedTaskArithmeticMerge` and `linear` via its
+registry, the same code `mergekit-yaml` runs; pymerge/peers/mergekit.py, the benchmarks' baseline too) and peft's
+`merge_utils`, on the same tensors as pymerge.
 
 Installed by `make test` (requirements-dev.txt: mergekit 0.1.5, which pulls peft, but not a new torch); a missing
 peer is an error, not a skip.
 Every difference is either zero (to fp32 rounding) or a deliberate deviation pinned by a test below.
 """
 import collections
+import functools
 
-import mergekit.merge_methods.base as mk_base
-import mergekit.merge_methods.registry as mk_registry
 import peft.utils.merge_utils as peft_merge
 import pytest
 import torch
 
 import pymerge
 from pymerge.methods import key_seed
+from pymerge.peers import mergekit
 
 
 def family(T=4, dtype=torch.float32, seed=0, scale=0.05):
@@ -27,14 +28,8 @@ def family(T=4, dtype=torch.float32, seed=0, scale=0.05):
     return collections.OrderedDict((k, b.to(dtype)) for k, b in base.items()), models
 
 
-def mergekit_merge(method, base, models, **parameters):
-    """mergekit's own merge of every key (one TensorGroup per key, base first), computed in float32."""
-    m = mk_registry.get(method)
-    out = {}
-    for k in base:
-        group = mk_base.TensorGroup.from_tensors([base[k], *[sd[k] for sd in models]], base_index=0, name=k)
-        out[k] = m([group], parameters=parameters, dtype=torch.float32)[0]
-    return out
+# mergekit's own merge of every key (one TensorGroup per key, base first), computed in float32 as pymerge does.
+mergekit_merge = functools.partial(mergekit.merge, dtype=torch.float32)
 
 
 def _assert_close(ours, theirs, tol=1e-6):
@@ -87,6 +82,19 @@ def test_task_arithmetic_matches_peft():
     for k in base:
         theirs = base[k] + peft_merge.task_arithmetic([m[k] - base[k] for m in models], torch.tensor(w))
         _assert_close({k: ours[k]}, {k: theirs})
+
+
+# ------------------------------------------------------------------------------------------ weight averaging
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_average_matches_mergekit_linear(dtype):
+    """pymerge/methods/weight_average.py: per-model weights as mergekit's `linear` (normalize=True, no base)."""
+    base, models = family(dtype=dtype, seed=7)
+    w = [1.0, 0.5, 2.0, 0.7]
+    ours = pymerge.merge("weight_average", base, models, weights=w, backend="reference", out_dtype=torch.float32)
+    theirs = mergekit_merge("linear", None, models, weight=w)
+    _assert_close(ours, theirs)
+    uniform = pymerge.merge("weight_average", base, models, backend="reference", out_dtype=torch.float32)
+    assert any((uniform[k] - theirs[k]).abs().max() > 1e-3 for k in base)   # the weights do matter here
 
 
 # ---------------------------------------------------------------------------------------------------- TIES
