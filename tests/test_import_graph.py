@@ -21,6 +21,7 @@ LAYERS = (
     ("teachers", ("pymerge.teachers",)),
     ("methods", ("pymerge.methods", "pymerge.merge")),
     ("peers, synthetic models", ("pymerge.peers", "pymerge.synthetic")),   # tests', benchmarks', demo's support
+    ("eval", ("pymerge.eval",)),                                       # real tasks, cached experts
     ("entry points", ("pymerge", "pymerge.__main__", "pymerge.cli", "pymerge.demo")),
 )
 
