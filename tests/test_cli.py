@@ -334,7 +334,7 @@ def no_loading(monkeypatch):
     """Fail the test if the CLI gets as far as loading a model: its input checks come first."""
     def load(*a, **k):
         raise AssertionError("a model was loaded before the inputs were checked")
-    monkeypatch.setattr(cli, "_load", load)
+    monkeypatch.setattr(cli.learned, "_load", load)
 
 
 def _divmerge_a(files, *extra):

@@ -22,7 +22,8 @@ LAYERS = (
     ("methods", ("pymerge.methods", "pymerge.merge")),
     ("peers, synthetic models", ("pymerge.peers", "pymerge.synthetic")),   # tests', benchmarks', demo's support
     ("eval", ("pymerge.eval",)),                                       # real tasks, cached experts
-    ("entry points", ("pymerge", "pymerge.__main__", "pymerge.cli", "pymerge.demo")),
+    ("entry points", ("pymerge", "pymerge.__main__", "pymerge.cli", "pymerge.cli.__main__", "pymerge.cli.common",
+                      "pymerge.cli.learned", "pymerge.demo")),
 )
 
 

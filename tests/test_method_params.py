@@ -256,7 +256,7 @@ def test_cli_refuses_the_same_values_with_the_same_words(name, option, value, me
 
 def test_cli_bad_value_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
     """Through main(): a bad option value is a usage error (exit 2, one line), found before the inputs are read."""
-    monkeypatch.setattr(cli, "read_jsonl_texts", lambda *a, **k: pytest.fail("data read before options checked"))
+    monkeypatch.setattr(cli.learned, "read_jsonl_texts", lambda *a, **k: pytest.fail("data read before options checked"))
     for d in ("base", "a"):
         (tmp_path / d).mkdir()
         (tmp_path / d / "config.json").write_text("{}")
