@@ -63,6 +63,7 @@ setup(
     # The ranges the test suite has passed with (README, "Tested with"); requirements-dev.txt pins the rest.
     install_requires=["torch>=2.13.0,<2.14", "numpy>=2.4.6,<2.5", "safetensors>=0.8.0,<0.9", "tqdm>=4.70.1,<4.71",
                       "pyyaml>=6.0.4,<6.1"],
-    extras_require={"triton": ["triton>=3.9.0,<3.10"], "hf": ["transformers>=5.25.0,<5.26"]},
+    extras_require={"triton": ["triton>=3.9.0,<3.10"], "hf": ["transformers>=5.25.0,<5.26"],
+                    "eval": ["transformers>=5.25.0,<5.26", "matplotlib>=3.11.2,<3.12"]},
     entry_points={"console_scripts": ["pymerge=pymerge.cli:main"]},
 )
