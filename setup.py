@@ -56,7 +56,7 @@ setup(
     description="Fast model merging: CART, DivMerge and their relatives over fused CPU/CUDA/Triton kernels",
     python_requires=">=3.10",
     packages=["pymerge", "pymerge.cli", "pymerge.ops", "pymerge.methods", "pymerge.learn", "pymerge.teachers",
-              "pymerge.peers", "pymerge.eval", "pymerge.kernels"],
+              "pymerge.peers", "pymerge.eval", "pymerge.io", "pymerge.kernels"],
     package_dir={"pymerge": "pymerge", "pymerge.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -2,7 +2,10 @@
 
 merge() does the bookkeeping every method shares (validation, key grouping, dtypes, output order, the checks
 on the inputs' values); the math lives in pymerge/methods/<name>.py (a MethodSpec, see
-pymerge/methods/spec.py for the contract).
+pymerge/methods/spec.py for the contract). plan_merge() is merge() split in two for merges from disk
+(`pymerge merge`): every check that needs no tensor data, then a MergePlan whose groups are merged one at a
+time (MergePlan.merge_group), so the caller can stream each group's output away and release its inputs, or
+hand disjoint groups to separate processes.
 """
 import re
 import warnings
@@ -120,6 +123,89 @@ def merge(method: Union[str, MethodSpec], base: Mapping[str, torch.Tensor],
     to merge; there is no shape-only plan), LoRA factor keys (lora_A / lora_B), non-finite values (above),
     bad parameters.
     """
+    plan = plan_merge(method, base, models, out_dtype=out_dtype, max_group_bytes=max_group_bytes,
+                      check_finite=check_finite, **params)
+    merged = plan.merge_passthrough(stacklevel=3)
+    for group_keys in plan.groups:
+        merged.update(plan.merge_group(group_keys))
+    return OrderedDict((key, merged[key]) for key in plan.keys)
+
+
+class MergePlan:
+    """What a merge will do, decided from the keys' shapes and dtypes alone (key_info) before any tensor is
+    read: the checked parameters, the keys (base order), the non-float keys passed through, and `groups`, the
+    float keys' KeyGroups in the order merge() runs them. merge_passthrough() and merge_group(keys) compute
+    the output of those keys; each group reads only its own keys, so a caller can stream the groups to disk
+    one at a time (never holding the whole output), or hand disjoint groups to separate processes: a key's
+    result does not depend on which group or process merges it (see methods/spec.py).
+
+    Built by plan_merge (the checks of merge()); merge() is plan_merge + every group, collected."""
+
+    def __init__(self, spec, base, models, params, keys, infos, float_keys, passthrough, groups, out_dtype,
+                 check_finite):
+        self.spec, self.base, self.models, self.params = spec, base, models, params
+        self.keys, self.infos, self.float_keys, self.passthrough = keys, infos, float_keys, passthrough
+        self.groups, self.out_dtype, self.check_finite = groups, out_dtype, check_finite
+
+    @property
+    def num_models(self):
+        return len(self.models)
+
+    def output_info(self, key) -> KeyInfo:
+        """Shape and dtype of the merged key: its own, in out_dtype when that is given and the key is float."""
+        info = self.infos[key]
+        cast = self.out_dtype is not None and info.dtype in FLOAT_DTYPES
+        return KeyInfo(info.shape, self.out_dtype if cast else info.dtype)
+
+    def input_bytes(self, keys) -> int:
+        """Bytes the base and the T models hold for `keys` (what merging them reads)."""
+        return (self.num_models + 1) * sum(_nbytes(self.infos[k]) for k in keys)
+
+    def output_bytes(self, keys) -> int:
+        return sum(_nbytes(self.output_info(k)) for k in keys)
+
+    def merge_passthrough(self, stacklevel=2) -> dict:
+        """{key: base's value} of the non-float and empty keys (cast to out_dtype where float), with a
+        UserWarning per non-float key a model holds differently."""
+        out = {}
+        with torch.no_grad():
+            for key in self.passthrough:
+                value = _passthrough_value(self.spec, key, self.base, self.models, stacklevel=stacklevel + 1)
+                cast = self.out_dtype is not None and value.dtype in FLOAT_DTYPES
+                out[key] = value.to(self.out_dtype) if cast else value
+        return out
+
+    def merge_group(self, group_keys) -> dict:
+        """{key: merged tensor} of one group of self.groups (or any list of float keys of one shape and
+        dtype), in the output dtype; the inputs are checked as merge() documents."""
+        spec, infos, out_dtype = self.spec, self.infos, self.out_dtype
+        # Merging never builds an autograd graph, whatever the inputs require.
+        with torch.no_grad():
+            group = _load_group(spec, group_keys, self.base, self.models)
+            if self.check_finite and not spec.nonfinite_propagates:
+                _check_inputs_finite(spec, group)
+            outputs = spec.merge_group(group, **self.params)
+            if len(outputs) != len(group_keys):
+                raise RuntimeError(f"merge({spec.name}): merge_group returned {len(outputs)} tensors for "
+                                   f"{len(group_keys)} keys")
+            results = []
+            for key, out in zip(group_keys, outputs):
+                if out.shape != infos[key].shape:
+                    raise RuntimeError(f"merge({spec.name}): merged key {key!r} has shape {tuple(out.shape)}, "
+                                       f"expected {tuple(infos[key].shape)}")
+                results.append(out.to(out_dtype or infos[key].dtype))
+            if self.check_finite:
+                _check_outputs_finite(spec, group, results)
+            return dict(zip(group_keys, results))
+
+
+def plan_merge(method: Union[str, MethodSpec], base: Mapping[str, torch.Tensor],
+               models: Sequence[Mapping[str, torch.Tensor]], *, out_dtype: Optional[torch.dtype] = None,
+               max_group_bytes: int = DEFAULT_MAX_GROUP_BYTES, check_finite: bool = True,
+               **params) -> MergePlan:
+    """Every check of merge() that needs no tensor data (method, models, key sets, shapes, dtypes,
+    parameters, the method's prepare step), and the plan of the merge: see MergePlan. Same arguments and
+    errors as merge()."""
     spec = _methods.get(method) if isinstance(method, str) else method
     if isinstance(spec, LearnedMethodSpec):
         raise ValueError(f"merge: {spec.name} is a learned method: it trains merge coefficients on the fine-tuned "
@@ -162,32 +248,13 @@ def merge(method: Union[str, MethodSpec], base: Mapping[str, torch.Tensor],
 
     if spec.prepare is not None:
         params = spec.prepare(params, {k: infos[k] for k in float_keys})
+    groups = _plan_groups(float_keys, infos, T, max_group_bytes)
+    return MergePlan(spec, base, models, params, keys, infos, float_keys, passthrough, groups, out_dtype,
+                     check_finite)
 
-    # Merging never builds an autograd graph, whatever the inputs require.
-    with torch.no_grad():
-        merged = {}
-        for key in passthrough:
-            value = _passthrough_value(spec, key, base, models)
-            merged[key] = value.to(out_dtype) if out_dtype is not None and value.dtype in FLOAT_DTYPES else value
-        for group_keys in _plan_groups(float_keys, infos, T, max_group_bytes):
-            group = _load_group(spec, group_keys, base, models)
-            if check_finite and not spec.nonfinite_propagates:
-                _check_inputs_finite(spec, group)
-            outputs = spec.merge_group(group, **params)
-            if len(outputs) != len(group_keys):
-                raise RuntimeError(f"merge({spec.name}): merge_group returned {len(outputs)} tensors for "
-                                   f"{len(group_keys)} keys")
-            results = []
-            for key, out in zip(group_keys, outputs):
-                if out.shape != infos[key].shape:
-                    raise RuntimeError(f"merge({spec.name}): merged key {key!r} has shape {tuple(out.shape)}, "
-                                       f"expected {tuple(infos[key].shape)}")
-                results.append(out.to(out_dtype or infos[key].dtype))
-            if check_finite:
-                _check_outputs_finite(spec, group, results)
-            merged.update(zip(group_keys, results))
-            del group, outputs, results
-    return OrderedDict((key, merged[key]) for key in keys)
+
+def _nbytes(info):
+    return _numel(info.shape) * torch.empty(0, dtype=info.dtype).element_size()
 
 
 def _numel(shape):
@@ -206,7 +273,7 @@ def _fetch(spec, state_dict, key, where):
     return value
 
 
-def _passthrough_value(spec, key, base, models):
+def _passthrough_value(spec, key, base, models, stacklevel=3):
     """The base's value of a key merge() does not merge, with a warning when a model's non-float value differs
     (its own value is dropped)."""
     value = _fetch(spec, base, key, "base").detach()
@@ -217,7 +284,7 @@ def _passthrough_value(spec, key, base, models):
     if differ:
         warnings.warn(f"merge({spec.name}): non-float key {key!r} ({value.dtype}) differs from the base's in "
                       f"{', '.join(f'models[{t}]' for t in differ)}; non-float keys are not merged, the base's "
-                      f"value is kept", UserWarning, stacklevel=3)
+                      f"value is kept", UserWarning, stacklevel=stacklevel)
     return value
 
 

@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Bottom to top. A module may import modules of its own layer and of the layers below it, never above.
 LAYERS = (
     ("foundation", ("pymerge.dtypes", "pymerge.fused_grad")),          # what kernels and ops share
+    ("io", ("pymerge.io",)),                                           # models on disk: readers, writer
     ("backends", ("pymerge.reference", "pymerge.kernels")),            # pymerge._C (csrc/) is built, not read
     ("ops", ("pymerge.ops",)),
     ("learn", ("pymerge.learn",)),
@@ -23,7 +24,8 @@ LAYERS = (
     ("peers, synthetic models", ("pymerge.peers", "pymerge.synthetic")),   # tests', benchmarks', demo's support
     ("eval", ("pymerge.eval",)),                                       # real tasks, cached experts
     ("entry points", ("pymerge", "pymerge.__main__", "pymerge.cli", "pymerge.cli.__main__", "pymerge.cli.common",
-                      "pymerge.cli.learned", "pymerge.demo")),
+                      "pymerge.cli.learned", "pymerge.cli.merge", "pymerge.cli.merge_config", "pymerge.cli.eval",
+                      "pymerge.demo")),
 )
 
 
