@@ -93,14 +93,25 @@ def _check_out(out, overwrite, inputs):
 
 def cmd_merge(args):
     from ..io import Interrupted, ModelFileError
+    from ..io.distributed import RankFailed, Session
+    try:
+        session = Session.from_env()
+    except ValueError as e:
+        raise CLIError(f"torchrun environment: {e}") from None
     opened = []
     try:
-        return _run(args, opened)
+        if session is None:
+            return _run(args, opened)
+        session.start("cuda" if str(args.device).startswith("cuda") else "cpu")
+        return _run_distributed(args, opened, session)
     except ModelFileError as e:
         raise CLIError(str(e)) from None
     except Interrupted as e:
         print(f"pymerge merge: {e}; no output written", file=sys.stderr)
         return 128 + e.signum
+    except RankFailed as e:
+        print(f"pymerge merge: rank {session.rank}: {e}; no output written", file=sys.stderr)
+        return 1
     except OSError as e:
         if e.filename is None:
             raise
@@ -109,6 +120,8 @@ def cmd_merge(args):
     finally:
         for m in opened:
             m.close()
+        if session is not None:
+            session.stop()
 
 
 def _job(args):
@@ -134,12 +147,22 @@ def _job(args):
     return job
 
 
-def _run(args, opened):
+class _Prepared:
+    """Everything decided before the first tensor is read: the job, the opened models, the merge plan, the
+    output's shard layout and where its non-weight files come from."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def prepare(args, opened, session=None):
+    """The checks and the plan of `pymerge merge` for parsed `args` (no tensor read, nothing written): a
+    _Prepared. The opened readers are appended to `opened` (the caller closes them). session: this rank's
+    pymerge.io.distributed.Session under torchrun (its GPU is cuda:LOCAL_RANK), else None."""
     import torch
 
     from .. import methods
-    from ..io import (CONFIG_FILES, TOKENIZER_FILES, AtomicDirectory, ModelFileError, ShardWriter, check_against_base,
-                      copy_model_files, parse_size, plan_shards)
+    from ..io import ModelFileError, check_against_base, parse_size, plan_shards
     from ..merge import plan_merge
     start = time.perf_counter()
     job = _job(args)
@@ -158,6 +181,9 @@ def _run(args, opened):
             raise CLIError(f"--threads {args.threads}: must be >= 1")
         torch.set_num_threads(args.threads)
     device = check_device(args.device)
+    if session is not None and device.type == "cuda":
+        device = torch.device("cuda", session.local_rank % torch.cuda.device_count())   # one GPU per rank
+        torch.cuda.set_device(device)
     spec = methods.get(job.method)
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -212,49 +238,166 @@ def _run(args, opened):
         raise CLIError(f"--copy-from {copy_from}: no config.json")
     if job.tokenizer_source and not tok_dir.is_dir():
         raise CLIError(f"tokenizer source {tok_dir}: not a directory")
+    return _Prepared(start=start, job=job, out=out, base=base, models=models, plan=plan, specific=specific,
+                     aliases=aliases, entries=entries, shards=shards, out_dtype=out_dtype, config_dir=config_dir,
+                     tok_dir=tok_dir)
 
-    if args.dry_run:
-        _print_plan(job, plan, shards, specific, aliases, out, T=len(models))
-        return 0
 
-    show = not args.quiet and sys.stderr.isatty()
-    from tqdm import tqdm
-    bar = tqdm(total=plan.input_bytes(plan.float_keys), unit="B", unit_scale=True, disable=not show,
-               desc="pymerge merge", file=sys.stderr)
-    with AtomicDirectory(out, overwrite=args.overwrite) as tmp:
-        writer = ShardWriter(tmp, shards).open()
+def _write_keys(p, writer, groups, passthrough, bar=None):
+    """Merge `groups` (and, with passthrough, the non-float and task-specific keys) into `writer`."""
+    if passthrough:
+        for key, value in p.plan.merge_passthrough().items():
+            writer.write(key, value)
+        for key in p.specific:
+            value = p.base[key]
+            writer.write(key, value.to(p.out_dtype) if p.out_dtype is not None and value.is_floating_point()
+                         else value)
+            p.base.release([key])
+    for group in groups:
         try:
-            try:
-                for key, value in plan.merge_passthrough().items():
-                    writer.write(key, value)
-                for key in specific:
-                    value = base[key]
-                    writer.write(key, value.to(out_dtype) if out_dtype is not None and value.is_floating_point()
-                                 else value)
-                    base.release([key])
-                for group in plan.groups:
-                    result = plan.merge_group(group)
-                    for key in group:
-                        writer.write(key, result[key])
-                    del result
-                    for m in (base, *models):
-                        m.release(group)
-                    bar.update(plan.input_bytes(group))
-            except ValueError as e:
-                raise CLIError(str(e)) from None
+            result = p.plan.merge_group(group)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        for key in group:
+            writer.write(key, result[key])
+        del result
+        for m in (p.base, *p.models):
+            m.release(group)
+        if bar is not None:
+            bar.update(p.plan.input_bytes(group))
+
+
+def _copy_files(p, tmp):
+    from ..io import CONFIG_FILES, TOKENIZER_FILES, copy_model_files
+    sources = [(d, names) for d, names in ((p.config_dir, CONFIG_FILES), (p.tok_dir, TOKENIZER_FILES))
+               if d is not None]
+    return copy_model_files(sources, tmp, dtype=p.out_dtype)
+
+
+def _bar(args, total):
+    from tqdm import tqdm
+    show = not args.quiet and sys.stderr.isatty()
+    return tqdm(total=total, unit="B", unit_scale=True, disable=not show, desc="pymerge merge", file=sys.stderr)
+
+
+def _summary(p, copied, read, written, peak, ranks=""):
+    note = "" if "config.json" in copied else " (no config.json copied: the base is not a model directory)"
+    print(f"pymerge merge: {p.job.method} of {len(p.models)} model(s) -> {p.out}{ranks}: {len(p.entries)} tensors "
+          f"in {len(p.shards.shards)} shard(s), {time.perf_counter() - p.start:.1f} s, peak RSS {_size(peak)}, "
+          f"read {_size(read)}, wrote {_size(written)}{note}")
+
+
+def _peak_rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _run(args, opened):
+    from ..io import AtomicDirectory, ShardWriter
+    p = prepare(args, opened)
+    if args.dry_run:
+        _print_plan(p.job, p.plan, p.shards, p.specific, p.aliases, p.out, T=len(p.models))
+        return 0
+    bar = _bar(args, p.plan.input_bytes(p.plan.float_keys))
+    with AtomicDirectory(p.out, overwrite=args.overwrite) as tmp:
+        writer = ShardWriter(tmp, p.shards).open()
+        try:
+            _write_keys(p, writer, p.plan.groups, passthrough=True, bar=bar)
             writer.finish()
         finally:
             writer.close()
             bar.close()
-        sources = [(d, names) for d, names in ((config_dir, CONFIG_FILES), (tok_dir, TOKENIZER_FILES))
-                   if d is not None]
-        copied, extra = copy_model_files(sources, tmp, dtype=out_dtype)
-    read = sum(m.bytes_read for m in (base, *models))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    note = "" if "config.json" in copied else " (no config.json copied: the base is not a model directory)"
-    print(f"pymerge merge: {job.method} of {len(models)} model(s) -> {out}: {len(entries)} tensors in "
-          f"{len(shards.shards)} shard(s), {time.perf_counter() - start:.1f} s, peak RSS {_size(peak)}, read "
-          f"{_size(read)}, wrote {_size(writer.bytes_written + extra)}{note}")
+        copied, extra = _copy_files(p, tmp)
+    read = sum(m.bytes_read for m in (p.base, *p.models))
+    _summary(p, copied, read, writer.bytes_written + extra, _peak_rss())
+    return 0
+
+
+def rank_groups(plan, world_size):
+    """The plan's groups per rank (lists of key lists) for a world of world_size processes: pymerge.io's
+    assign_groups on each group's estimated cost (bytes read and written; SVD flops for the SVD methods)."""
+    from ..io.distributed import SVD_METHODS, assign_groups, group_cost
+    svd = plan.spec.name in SVD_METHODS
+    costs = [group_cost([plan.infos[k].shape for k in g], plan.input_bytes(g) + plan.output_bytes(g),
+                        plan.num_models, svd) for g in plan.groups]
+    return [[plan.groups[i] for i in idx] for idx in assign_groups(costs, world_size)]
+
+
+def _step(session, work):
+    """Run work() on this rank, then agree with every rank: its result when all succeeded; this rank's own
+    exception re-raised when it failed; RankFailed when only others did. Every rank passes through the same
+    _step calls in the same order, whatever fails, so no rank waits for a collective another never reaches."""
+    from ..io.distributed import RankFailed
+    error, result = None, None
+    try:
+        result = work()
+    except BaseException as e:      # noqa: B902 (re-raised below, after telling the other ranks)
+        error = e
+    failed = session.agree(error is None)
+    if error is not None:
+        raise error
+    if failed:
+        who = "a rank that stopped" if failed == [-1] else "rank(s) " + ", ".join(map(str, failed))
+        raise RankFailed(f"stopping: {who} failed (see its message)")
+    return result
+
+
+def _run_distributed(args, opened, session):
+    """`torchrun --nproc-per-node N -m pymerge merge ...`: every rank plans the same merge; rank 0 creates
+    the temporary output directory and every shard file at its final size; each rank merges its share of the
+    groups (rank_groups) into those files; when all ranks have written and fsynced their keys, rank 0 writes
+    the index and the config / tokenizer files and renames the directory into place. A failure on any rank
+    (an error, a signal, a rank that dies) leaves no output: see _step and pymerge.io.distributed."""
+    from contextlib import ExitStack
+
+    from ..io import AtomicDirectory, ShardWriter
+    p = _step(session, lambda: prepare(args, opened, session))
+    if args.dry_run:
+        if session.is_main:
+            _print_plan(p.job, p.plan, p.shards, p.specific, p.aliases, p.out, T=len(p.models))
+            loads = [p.plan.input_bytes([k for g in gs for k in g]) for gs in rank_groups(p.plan, session.world_size)]
+            print(f"  ranks: {session.world_size}, inputs read per rank: {', '.join(_size(b) for b in loads)}")
+        return 0
+    mine = rank_groups(p.plan, session.world_size)[session.rank]
+    my_keys = [k for g in mine for k in g]
+    if session.is_main:
+        my_keys += list(p.plan.passthrough) + list(p.specific)
+    bar = _bar(args, p.plan.input_bytes([k for g in mine for k in g])) if session.is_main else None
+    with ExitStack() as stack:
+        def open_writer(directory, create):
+            writer = ShardWriter(directory, p.shards, keys=my_keys)
+            stack.callback(writer.close)
+            return writer.open(create=create)
+
+        def create():                               # rank 0: the temporary directory and every shard file
+            if session.is_main:
+                tmp = stack.enter_context(AtomicDirectory(p.out, overwrite=args.overwrite))
+                return str(tmp), open_writer(tmp, create=True)
+            return None, None
+        tmp, writer = _step(session, create)
+        tmp = Path(session.broadcast(tmp))
+
+        def fill():                                 # every rank: its own keys, fsynced
+            w = writer or open_writer(tmp, create=False)
+            _write_keys(p, w, mine, passthrough=session.is_main, bar=bar)
+            w.finish(write_index=False)
+            return sum(m.bytes_read for m in (p.base, *p.models)), w.bytes_written, _peak_rss()
+        try:
+            stats = session.gather(_step(session, fill))
+        finally:
+            if bar is not None:
+                bar.close()
+
+        def publish():                              # rank 0, once every rank has written: index, files, rename
+            if session.is_main:
+                index = writer.write_index()
+                copied, extra = _copy_files(p, tmp)
+                stack.close()                       # the shard files closed, then AtomicDirectory renames
+                return copied, index + extra
+            return (), 0
+        copied, extra = _step(session, publish)
+    if session.is_main:
+        _summary(p, copied, sum(s[0] for s in stats), sum(s[1] for s in stats) + extra, max(s[2] for s in stats),
+                 ranks=f" ({session.world_size} ranks)")
     return 0
 
 

@@ -92,9 +92,18 @@ class AtomicDirectory:
             if exc_type is None:
                 self._publish()
         finally:
-            if self.tmp is not None and self.tmp.exists():
-                shutil.rmtree(self.tmp, ignore_errors=True)
-            self._restore()
+            # A second SIGINT / SIGTERM (torchrun stops every rank when one fails) must not cut the clean-up
+            # short: the signals wait until the temporary directory is gone and the old handlers are back.
+            blocked = hasattr(signal, "pthread_sigmask")
+            if blocked:
+                previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+            try:
+                if self.tmp is not None and self.tmp.exists():
+                    shutil.rmtree(self.tmp, ignore_errors=True)
+                self._restore()
+            finally:
+                if blocked:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         return False
 
     def _publish(self):

@@ -114,7 +114,7 @@ class ShardWriter:
 
     keys: the keys this writer writes (default: all of the plan's). Several writers (processes) can fill one
     set of shard files, each its own keys: one calls open(), the others open(create=False) once the files
-    exist, and one calls finish(write_index=True) after the others have finished."""
+    exist, and once all have finished (finish(write_index=False)) one calls write_index()."""
 
     def __init__(self, directory, plan: ShardPlan, keys=None):
         self.directory = Path(directory)
@@ -170,10 +170,16 @@ class ShardWriter:
         for fd in self._fds.values():
             os.fsync(fd)
         self.close()
-        if len(self.plan.shards) > 1 and write_index:
-            index = {"metadata": {"total_size": self.plan.total_size}, "weight_map": self.plan.weight_map()}
-            self.bytes_written += write_file(self.directory / INDEX_NAME,
-                                             (json.dumps(index, indent=2) + "\n").encode("utf-8"))
+        if write_index:
+            self.bytes_written += self.write_index()
+
+    def write_index(self) -> int:
+        """Write the index json (when the plan has several shards; a single model.safetensors has none) and
+        return its bytes: finish() does it, or one writer of several once all have finished (write_index=False)."""
+        if len(self.plan.shards) <= 1:
+            return 0
+        index = {"metadata": {"total_size": self.plan.total_size}, "weight_map": self.plan.weight_map()}
+        return write_file(self.directory / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode("utf-8"))
 
     def close(self):
         for fd in self._fds.values():
