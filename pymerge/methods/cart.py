@@ -1,4 +1,6 @@
 """CART: centered task vectors + low-rank approximation (Choi et al. 2024, arXiv 2412.12153; docs/METHODS.md §CART).
+(~510 lines, over the ~500 guide: the fidelity control's two subspace iterations and its stopping rule stay next
+to the per-key merge loop they are part of.)
 
     theta_avg  = (1/T) sum_t theta_t
     tau_bar_t  = theta_t - theta_avg                     (sum_t tau_bar_t = 0)
@@ -21,20 +23,25 @@ Rank (one of, mutually exclusive):
 
 lam default 2.0: the official 8-task ViT-B/32 config (14 tasks: 1.5, 20 tasks: 1.9). Tune it on validation data.
 
-SVD: svd="randomized" (default): pymerge.ops.randomized_svd (Halko-Martinsson-Tropp, l = k + oversample columns,
-power_iters q, seed; defaults oversample = max(10, k // 2), i.e. l = 1.5 k for k >= 20, and q = 2). Large keys go
-through the implicit Centered(thetas, avg) operator (the centered matrices are never materialised); keys small
-enough (T*m*n*4 bytes <= MATERIALIZE_BYTES) are centered explicitly. One randomized_svd call per key, seeded by
-key_seed(seed, key name): a key's merged value is bitwise the same whatever keys are merged with it
-(max_group_bytes, key order, subsets; tests/test_methods_seeding.py). bf16/fp16 keys are centered explicitly in
-fp32 if pymerge.ops.Centered ever rounds theta_avg to the inputs' dtype (that rounding, ~eps*|theta_avg|, is as
-large as the centered task vectors of real fine-tunes; the current Centered keeps fp32).
-Error: HMT 2011 (Thm 10.7/10.8, §9.4) bound the residual, E||A - Q Q^T A||_F <= (1 + k/(p-1))^(1/2)
-(sum_{j>k} sigma_j^2)^(1/2) at q = 0, the excess shrinking like (sigma_{k+1}/sigma_l)^(2q); the residual (kept
-energy) is then near-optimal. How close the rank-k part is to the exact truncation depends on the gap at k:
-with a gap it is ~exact (tests/test_methods_cart.py: <= 1e-3); on gap-less power-law spectra (s_i ~ i^-0.75)
-it is ~3e-2 relative at the defaults, the merged weights ~5e-3 (oversample=k, power_iters=3: 3e-3 at 1.6x the
-time; numbers in the DEFAULT_* comment below and from benchmarks/methods_cart.py).
+SVD: svd="randomized" (default) with the fidelity control tol (default DEFAULT_TOL when power_iters is not
+given): per key, subspace iteration with Rayleigh-Ritz on l = k + max(10, k) columns, stopped by an a-posteriori
+estimate once theta is within tol of exact CART's merged weights relative to the merged task vector,
+||theta - theta_exact||_F <= tol ||theta_exact - theta_0||_F (see _adaptive_factors and docs/METHODS.md §CART,
+"Fidelity"; the exact SVD takes over where the iteration does not contract or the sketch spans min(m, n)).
+Keys small enough (T*m*n*4 bytes <= MATERIALIZE_BYTES) are centered explicitly and iterated in plain torch
+(_DenseIteration); larger ones go through the implicit Centered(thetas, avg) operator of
+pymerge.ops.randomized_svd (start=V continues the iteration; _OpIteration), the centered matrices never
+materialised. Each key is seeded by key_seed(seed, key name): a key's merged value is bitwise the same whatever
+keys are merged with it (max_group_bytes, key order, subsets; tests/test_methods_seeding.py).
+With power_iters = q given instead (and always with energy): one pymerge.ops.randomized_svd call per key
+(Halko-Martinsson-Tropp, l = k + oversample columns, oversample None = max(10, k // 2), q power iterations), no
+fidelity control: HMT 2011 (Thm 10.7/10.8, §9.4) bound the residual, E||A - Q Q^T A||_F <= (1 + k/(p-1))^(1/2)
+(sum_{j>k} sigma_j^2)^(1/2) at q = 0, the excess shrinking like (sigma_{k+1}/sigma_l)^(2q), but the rank-k part
+itself is far from the exact truncation where the spectrum has no gap at k: real fine-tunes have flat tails
+(s_k / s_(k+1) ~ 1.01 at k = 8%), where q = 2 leaves ~25% of the merged task vector different from CART's.
+bf16/fp16 keys are centered explicitly in fp32 if pymerge.ops.Centered ever rounds theta_avg to the inputs'
+dtype (that rounding, ~eps*|theta_avg|, is as large as the centered task vectors of real fine-tunes; the current
+Centered keeps fp32).
 svd="exact": torch.linalg.svd of each centered matrix (the official route).
 
 Key selection (low_rank_keys):
@@ -46,6 +53,7 @@ Key selection (low_rank_keys):
   kernels are treated as [shape[0], prod(shape[1:])] matrices. exclude_keys applies to the default only.
 A selection that matches no eligible key raises ValueError (listing the eligible keys).
 """
+import logging
 import re
 from typing import Callable, List
 
@@ -56,16 +64,19 @@ from ..ops import Centered, center_task_vectors, low_rank_sum, randomized_svd
 from .params import BACKEND_PARAM, Param, finite_number, int_at_least, integer, number_in, regex_list
 from .spec import KeyGroup, MethodSpec, key_seed
 
+logger = logging.getLogger("pymerge.cart")
+
 DEFAULT_RANK_RATIO = 0.08
-# Randomized SVD defaults: l = 1.5 k columns (oversample None = max(10, k // 2)) and 2 power iterations.
-# Measured per task on a 4096 x 4096 centered task vector with a gap-less power-law spectrum (s_i ~ i^-0.75),
-# k = 327, 1 thread (benchmarks/methods_cart.py data), rank-k part vs the exact truncation / time:
-#   oversample 10, q 2: 8.9e-2 / 1.4 s     oversample k/2, q 2 (default): 3.3e-2 / 1.7 s
-#   oversample k, q 3:  3.3e-3 / 2.7 s     oversample k, q 4: 1.1e-3 / 4.1 s      full SVD: 38-46 s
-# All keep the same energy (0.942-0.943): without a gap at k the k directions are not pinned down, so the
-# merged weights differ far less (~5e-3 relative at the default) than the rank-k part itself.
+# Fixed-iteration randomized SVD (power_iters given, energy mode, learned start="cart"): l = 1.5 k columns
+# (oversample None = max(10, k // 2)) and, where no count is given, 2 power iterations.
 DEFAULT_OVERSAMPLE = None
 DEFAULT_POWER_ITERS = 2
+# Fidelity control (svd="randomized", rank / rank_ratio): see _adaptive_factors and docs/METHODS.md §CART.
+DEFAULT_TOL = 0.05          # used when neither tol nor power_iters is given
+START_ITERS = 0             # power iterations of the first, seeded call
+ADAPTIVE_OVERSAMPLE = 1.0   # l - k = max(10, ADAPTIVE_OVERSAMPLE * k) when oversample is None
+MAX_STEPS = 24              # subspace-iteration steps before the exact SVD takes over
+MAX_RATE = 0.9              # a contraction rate at or above this is "not converging" (no stop is trusted)
 # Regexes (re.search) of 2-D keys the default selection leaves at theta_avg: embeddings, LM/classification heads
 # and poolers. Change it per call with exclude_keys=[...].
 DEFAULT_EXCLUDE_KEYS = (r"embed", r"(^|\.)(wte|wpe|shared)(\.|$)", r"lm_head", r"(^|\.)heads?(\.|$)",
@@ -142,11 +153,26 @@ def select_low_rank_keys(keys: dict, low_rank_keys=None, exclude_keys=DEFAULT_EX
     return chosen
 
 
+def _check_fidelity_options(svd, energy, tol, power_iters):
+    if tol is None:
+        return
+    if power_iters is not None:
+        raise ValueError(f"cart: tol ({tol}) and power_iters ({power_iters}) are mutually exclusive: tol adapts the "
+                         "number of iterations, power_iters fixes it")
+    if svd != "randomized":
+        raise ValueError(f"cart: tol ({tol}) applies to svd='randomized' only; svd={svd!r} is exact")
+    if energy is not None:
+        raise ValueError(f"cart: tol ({tol}) applies to rank / rank_ratio; with energy ({energy}) the ranks come "
+                         "from randomized estimates at power_iters iterations (or pass svd='exact')")
+
+
 def prepare(params: dict, keys: dict) -> dict:
-    """Whole-model checks: rank options exclusive, key selection non-empty, rank < min(m, n) per selected key."""
+    """Whole-model checks: rank options exclusive, tol's companions, key selection non-empty, rank < min(m, n)
+    per selected key."""
     given = [name for name in ("rank_ratio", "rank", "energy") if params[name] is not None]
     if len(given) > 1:
         raise ValueError(f"cart: rank_ratio, rank and energy are mutually exclusive; got {given}")
+    _check_fidelity_options(params["svd"], params["energy"], params["tol"], params["power_iters"])
     selected = select_low_rank_keys(keys, params["low_rank_keys"], params["exclude_keys"])
     if params["rank"] is not None:
         for k in selected:
@@ -198,6 +224,20 @@ def _oversampling(oversample, k):
     return max(10, k // 2) if oversample is None else oversample
 
 
+def _adaptive_oversampling(oversample, k):
+    """l - k of the fidelity-controlled iteration: None = max(10, k) (l = 2 k), the fastest to tol 1e-2 on the
+    MiniLM fine-tunes (benchmarks/methods_cart.py)."""
+    return max(10, int(ADAPTIVE_OVERSAMPLE * k)) if oversample is None else oversample
+
+
+def fidelity_tol(svd, energy, tol, power_iters):
+    """The tol a merge runs under: None (no fidelity control: svd="exact", energy, or a fixed power_iters),
+    else tol, DEFAULT_TOL when tol is None."""
+    if svd != "randomized" or energy is not None or power_iters is not None:
+        return None
+    return DEFAULT_TOL if tol is None else tol
+
+
 def low_rank_factors(A, k, *, svd="randomized", oversample=DEFAULT_OVERSAMPLE, power_iters=DEFAULT_POWER_ITERS,
                      seed=None, backend="auto"):
     """CART's factorisation: rank-k factors U [.., m, k], S [.., k] (descending), V [.., n, k] of centered
@@ -213,7 +253,8 @@ def low_rank_factors(A, k, *, svd="randomized", oversample=DEFAULT_OVERSAMPLE, p
 
 def _randomized_factors(A, total_sq, m, n, k, energy, oversample, power_iters, seed, backend, exact_fallback):
     """Rank-k (or energy) factors of one key's T centered matrices A ([T, m, n] tensor or Centered) via
-    pymerge.ops.randomized_svd. oversample None = max(10, k // 2) (l = 1.5 k columns for k >= 20)."""
+    pymerge.ops.randomized_svd with a fixed number of power iterations. oversample None = max(10, k // 2)
+    (l = 1.5 k columns for k >= 20)."""
     if energy is None:
         return low_rank_factors(A, k, svd="randomized", oversample=oversample, power_iters=power_iters, seed=seed,
                                 backend=backend)
@@ -228,14 +269,112 @@ def _randomized_factors(A, total_sq, m, n, k, energy, oversample, power_iters, s
     return exact_fallback()
 
 
+# ------------------------------------------------------------------------------------- fidelity control (tol)
+class _OpIteration:
+    """Subspace iteration on A (a Centered or any tensor) through pymerge.ops.randomized_svd: the first call
+    draws the key's seeded test matrix and runs START_ITERS power iterations; each step continues from the
+    previous right Ritz vectors (start=V, power_iters=0: 2 passes over A, the fused centering kernels for a
+    Centered, then the op's Rayleigh-Ritz SVD). Each call returns all l Ritz triplets (U, S, V)."""
+
+    def __init__(self, A, l, seed, backend):
+        self.A, self.l, self.seed, self.backend = A, l, seed, backend
+
+    def start(self):
+        return randomized_svd(self.A, self.l, oversample=0, power_iters=START_ITERS, seed=self.seed,
+                              backend=self.backend)
+
+    def step(self, U, S, V):
+        return randomized_svd(self.A, self.l, power_iters=0, start=V, backend=self.backend)
+
+
+class _DenseIteration:
+    """The same subspace iteration on a materialised [T, m, n] batch in plain torch, lean enough for small keys
+    (MiniLM-L6: 384 x 384, 1536 x 384), where the op's per-call work (LU / QR factorisations of every iterate,
+    the small SVD through a QR) costs more than its two GEMMs. One step from orthonormal V [T, n, l]:
+    Y = A V; Rayleigh-Ritz through the l x l Gram Y^T Y = W diag(S^2) W^T (eigh, fp64): U = Y W / S, V W, S;
+    then the next V = orth(A^T U) by Cholesky QR (fp64 Gram; A^T U ~ V diag(S) is conditioned like S_1 / S_l,
+    Householder QR where Cholesky fails). Same test matrix as the op for the key's seed."""
+
+    def __init__(self, A, l, seed):
+        self.A, self.l, self.seed = A, l, seed
+
+    def _orth(self, Z):
+        R, info = torch.linalg.cholesky_ex((Z.mT @ Z).double())
+        if bool((info != 0).any()):
+            return torch.linalg.qr(Z).Q
+        return torch.linalg.solve_triangular(R.mT.to(Z.dtype), Z, upper=True, left=False)
+
+    def _rayleigh_ritz(self, V):
+        Y = self.A @ V
+        ev, W = torch.linalg.eigh((Y.mT @ Y).double())
+        S = ev.flip(-1).clamp_min(0).sqrt()
+        W = W.flip(-1).to(Y.dtype)
+        U = (Y @ W) / S.clamp_min(torch.finfo(S.dtype).tiny).to(Y.dtype).unsqueeze(-2)
+        return U, S.to(Y.dtype), V @ W
+
+    def start(self):
+        T, m, n = self.A.shape
+        gen = torch.Generator().manual_seed(self.seed)
+        omega = torch.randn(T, self.l, n, generator=gen, dtype=torch.float32).to(self.A).mT
+        Z = self.A.mT @ (self.A @ omega)
+        for _ in range(START_ITERS):
+            Z = self.A.mT @ (self.A @ torch.linalg.qr(Z).Q)
+        return self._rayleigh_ritz(torch.linalg.qr(Z).Q)
+
+    def step(self, U, S, V):
+        return self._rayleigh_ritz(self._orth(self.A.mT @ U))
+
+
+def _adaptive_factors(iteration, k, lam, merge, theta0, exact_fallback, tol):
+    """The merged weights [m, n] of one key, from rank-k factors of its T centered matrices, within `tol` of exact
+    CART's merged weights relative to the merged task vector, by an a-posteriori estimate (docs/METHODS.md
+    §CART, "Fidelity"). Returns (merged, info).
+
+    iteration: an _OpIteration or _DenseIteration (subspace iteration with Rayleigh-Ritz on l columns, 2
+    passes over A per step). After each step the merged weights M_j = theta_avg + lam sum_t U_t S_t V_t^T are
+    formed (merge(U, S, V): one GEMM of inner dimension T k) and their change c_j = ||M_j - M_(j-1)||_F
+    measured; the remaining error ||M_j - M_exact|| is estimated as c_j rho / (1 - rho), the tail of a
+    geometric series, with rho the larger of the measured ratio c_j / c_(j-1) and the subspace-iteration rate
+    max_t (S_l / S_k)^2 of the Ritz values. It stops when est (1 + tol) <= tol ||M_j - theta_0||_F: then
+    ||M_j - M_exact|| <= tol ||M_exact - theta_0|| whenever est bounds the error. When the iteration does not
+    contract (rho >= MAX_RATE) or runs MAX_STEPS steps, exact_fallback() (the exact SVD's factors) is used."""
+    info = {"steps": 0, "estimate": None, "exact": False}
+    U, S, V = iteration.start()
+    merged = merge(U[..., :k], S[..., :k], V[..., :k])
+    change = None
+    for step in range(1, MAX_STEPS + 1):
+        U, S, V = iteration.step(U, S, V)
+        info["steps"] = step
+        new = merge(U[..., :k], S[..., :k], V[..., :k])
+        prev_change, change = change, float((new - merged).norm())
+        merged = new
+        Sd = S.double()
+        rate = float(torch.where(Sd[..., k - 1] > 0, (Sd[..., -1] / Sd[..., k - 1]).square(),
+                                 torch.zeros_like(Sd[..., 0])).max())
+        if prev_change is not None and prev_change > 0:
+            rate = max(rate, change / prev_change)
+        if change == 0.0:
+            est = 0.0
+        elif rate >= MAX_RATE:
+            continue
+        else:
+            est = change * rate / (1 - rate)
+        d = float((merged - theta0).norm())
+        if est * (1 + tol) <= tol * d:
+            info["estimate"] = est / d if d > 0 else 0.0
+            return merged, info
+    info.update(exact=True, estimate=0.0)
+    return merge(*exact_fallback()), info
+
+
 def _merge_low_rank_keys(keys, bases, models, p, acc):
     """CART on selected same-shape keys, one key at a time. Returns {key: merged [*S] in acc}.
 
-    Each key is one randomized_svd call seeded by key_seed(seed, name), on buffers of its own: its result is
-    bitwise the same whatever other keys share its group (max_group_bytes, key order, subsets). Batching several
-    keys into one call would not keep that: LAPACK (MKL) rounds a matrix differently at another offset in a
-    batched buffer. The batching saved little: ~0.7 ms of dispatch per key on 64 x 64 keys, nothing measurable
-    on MiniLM-L6 (benchmarks/methods_cart.py --quick, 1 thread: 0.61-0.70 s batched, 0.62 s per key).
+    Each key is one randomized_svd computation seeded by key_seed(seed, name), on buffers of its own: its result
+    is bitwise the same whatever other keys share its group (max_group_bytes, key order, subsets). Batching
+    several keys into one call would not keep that: LAPACK (MKL) rounds a matrix differently at another offset
+    in a batched buffer. The batching saved little: ~0.7 ms of dispatch per key on 64 x 64 keys, nothing
+    measurable on MiniLM-L6 (benchmarks/methods_cart.py --quick, 1 thread: 0.61-0.70 s batched, 0.62 s per key).
     """
     shape = bases[0].shape
     m, n = matrix_shape(shape)
@@ -243,6 +382,7 @@ def _merge_low_rank_keys(keys, bases, models, p, acc):
     k = None
     if p["energy"] is None:
         k = p["rank"] if p["rank"] is not None else ratio_rank(p["rank_ratio"] or DEFAULT_RANK_RATIO, m, n)
+    tol = fidelity_tol(p["svd"], p["energy"], p["tol"], p["power_iters"])
     out = {}
     elem = torch.empty(0, dtype=acc).element_size()
     per_key = T * m * n * elem
@@ -251,7 +391,7 @@ def _merge_low_rank_keys(keys, bases, models, p, acc):
         # pymerge.ops.Centered rounds theta_avg to the inputs' dtype; for bf16/fp16 that rounding error
         # (~eps * |theta_avg|) is of the order of the centered task vectors themselves. Center in fp32 instead.
         implicit = False
-    for name, thetas in zip(keys, models):
+    for name, thetas, base in zip(keys, models, bases):
         thetas2 = [t.reshape(m, n) for t in thetas]
         if implicit:
             # The T centered matrices of a large key are never materialised.
@@ -261,9 +401,9 @@ def _merge_low_rank_keys(keys, bases, models, p, acc):
             def total_sq():
                 return torch.stack([(t.to(acc) - avg).square().sum() for t in thetas2])
 
-            def exact():
+            def exact(k=None):
                 cent = center_task_vectors(thetas2, out_dtype=acc, backend=p["backend"])[1]
-                return _exact_factors(cent, None, p["energy"])
+                return _exact_factors(cent, k, p["energy"])
         else:
             avg = torch.empty(m, n, dtype=acc, device=bases[0].device)
             A = torch.empty(T, m, n, dtype=acc, device=bases[0].device)
@@ -272,18 +412,32 @@ def _merge_low_rank_keys(keys, bases, models, p, acc):
             def total_sq():
                 return A.square().sum((-2, -1))
 
-            def exact():
-                return _exact_factors(A, None, p["energy"])
+            def exact(k=None):
+                return _exact_factors(A, k, p["energy"])
+
+        def merge(U, S, V):
+            return low_rank_sum(U.contiguous(), S.contiguous(), V.contiguous(), scale=p["lam"], base=avg,
+                                backend=p["backend"])
+
         if p["svd"] == "exact":
-            U, S, V = _exact_factors(A, k, p["energy"])
+            merged = merge(*_exact_factors(A, k, p["energy"]))
+        elif tol is None:
+            merged = merge(*_randomized_factors(A, total_sq, m, n, k, p["energy"], p["oversample"],
+                                                p["power_iters"], key_seed(p["seed"], name), p["backend"], exact))
         else:
-            U, S, V = _randomized_factors(A, total_sq, m, n, k, p["energy"], p["oversample"], p["power_iters"],
-                                          key_seed(p["seed"], name), p["backend"], exact)
+            l = min(k + _adaptive_oversampling(p["oversample"], k), m, n)
+            if l >= min(m, n):      # the sketch would span the whole row space: the exact SVD is cheaper
+                merged, info = merge(*exact(k)), {"steps": 0, "estimate": 0.0, "exact": True}
+            else:
+                seed = key_seed(p["seed"], name)
+                iteration = _OpIteration(A, l, seed, p["backend"]) if implicit else _DenseIteration(A, l, seed)
+                theta0 = base.reshape(m, n).to(acc)
+                merged, info = _adaptive_factors(iteration, k, p["lam"], merge, theta0, lambda: exact(k), tol)
+            logger.debug("cart %s %s: k %d, l %d, %d steps, estimate %.2e%s", name, (m, n), k, l, info["steps"],
+                         info["estimate"], " (exact SVD)" if info["exact"] else "")
         del A
-        merged = low_rank_sum(U.contiguous(), S.contiguous(), V.contiguous(), scale=p["lam"], base=avg,
-                              backend=p["backend"])
         out[name] = merged.reshape(shape)
-        del U, S, V, avg
+        del avg
     return out
 
 
@@ -293,11 +447,14 @@ def _centered_keeps_avg() -> bool:
     return probe.avg.dtype == torch.float32
 
 
-def merge_group(group: KeyGroup, *, rank_ratio=None, rank=None, energy=None, lam=2.0, svd="randomized",
-                oversample=DEFAULT_OVERSAMPLE, power_iters=DEFAULT_POWER_ITERS, seed=0, low_rank_keys=None,
+def merge_group(group: KeyGroup, *, rank_ratio=None, rank=None, energy=None, lam=2.0, svd="randomized", tol=None,
+                oversample=DEFAULT_OVERSAMPLE, power_iters=None, seed=0, low_rank_keys=None,
                 exclude_keys=DEFAULT_EXCLUDE_KEYS, backend="auto", _selected=None) -> List[torch.Tensor]:
     acc = group.compute_dtype
-    p = dict(rank_ratio=rank_ratio, rank=rank, energy=energy, lam=lam, svd=svd, oversample=oversample,
+    _check_fidelity_options(svd, energy, tol, power_iters)
+    if energy is not None and power_iters is None:
+        power_iters = DEFAULT_POWER_ITERS
+    p = dict(rank_ratio=rank_ratio, rank=rank, energy=energy, lam=lam, svd=svd, tol=tol, oversample=oversample,
              power_iters=power_iters, seed=seed, backend=backend)
     if _selected is None:       # called outside pymerge.merge: select among this group's keys only
         _selected = frozenset(select_low_rank_keys({k: b for k, b in zip(group.keys, group.base)}, low_rank_keys,
@@ -335,9 +492,15 @@ SPEC = MethodSpec(
               check=finite_number),
         Param("svd", "randomized", "randomized (pymerge.ops.randomized_svd) or exact (torch.linalg.svd)", type=str,
               choices=("randomized", "exact")),
-        Param("oversample", DEFAULT_OVERSAMPLE, "randomized SVD oversampling p (l = k + p columns); "
-              "None = max(10, k // 2)", type=int, check=int_at_least(0)),
-        Param("power_iters", DEFAULT_POWER_ITERS, "randomized SVD power iterations q", type=int, check=int_at_least(0)),
+        Param("tol", None, "fidelity: merged weights within tol of exact CART, relative to the merged task vector "
+              "||merged_exact - theta_0||_F, by an a-posteriori estimate (iterations adapt to the spectrum); in "
+              f"(0, 1); None = {DEFAULT_TOL} unless power_iters is given (svd='randomized' with rank / rank_ratio)",
+              check=number_in(0, 1, low_open=True, high_open=True)),
+        Param("oversample", DEFAULT_OVERSAMPLE, "randomized SVD oversampling p (l = k + p columns); None = "
+              "max(10, k) under tol, max(10, k // 2) with a fixed power_iters", type=int, check=int_at_least(0)),
+        Param("power_iters", None, "fixed randomized SVD power iterations q, no fidelity control (exclusive with "
+              f"tol); None = adaptive (tol); with energy None = {DEFAULT_POWER_ITERS}", type=int,
+              check=int_at_least(0)),
         Param("seed", 0, "randomized SVD seed (per key); None = fresh randomness", type=int, check=integer,
               optional=True),
         Param("low_rank_keys", None, "keys approximated in low rank: None (2-D keys minus exclude_keys), 'vit', a "

@@ -84,7 +84,8 @@ def _test_matrix(B, n, l, dtype, device, seed, op="randomized_svd"):
 
 
 def randomized_svd(A, k: int, oversample: int = 10, power_iters: int = 2,
-                   seed: Union[None, int, Sequence[int]] = None, *, backend: str = "auto"):
+                   seed: Union[None, int, Sequence[int]] = None, *, start: Optional[torch.Tensor] = None,
+                   backend: str = "auto"):
     """Rank-k randomized SVD: A ~= U diag(S) V^T.
 
     A: Tensor [m, n], a batch [B, m, n], or Centered(thetas, avg) (the batch thetas[t] - avg, implicit);
@@ -103,8 +104,14 @@ def randomized_svd(A, k: int, oversample: int = 10, power_iters: int = 2,
     rounding, but not always bitwise: LAPACK (MKL outside its MKL_CBWR mode) rounds a matrix differently at
     another 16-byte alignment inside the batched buffers. Callers that need bitwise per-key results call once
     per key.
-    Raises ValueError for a non-float dtype, a wrong ndim, k outside [1, min(m, n)], NaN / Inf in A, or a seed
-    sequence that is empty, holds a non-int, or whose length does not divide B.
+    start: instead of the Gaussian test matrix, a given [B, n, l] block ([n, l] for an unbatched A), any float
+    dtype and strides, k <= l <= min(m, n); seed and oversample are then unused. Passing the V of a previous call
+    made with k = l continues its subspace iteration: each call with power_iters = 0 is one more step
+    (A^T A applied once, 2 passes over A) followed by its Rayleigh-Ritz SVD, so a caller can iterate until the
+    factors settle (pymerge/methods/cart.py's tol).
+    Raises ValueError for a non-float dtype, a wrong ndim, k outside [1, min(m, n)], NaN / Inf in A, a seed
+    sequence that is empty, holds a non-int, or whose length does not divide B, or a start block of the wrong
+    shape, dtype or device.
     """
     op = "randomized_svd"
     centered = isinstance(A, Centered)
@@ -128,6 +135,9 @@ def randomized_svd(A, k: int, oversample: int = 10, power_iters: int = 2,
             or oversample < 0 or power_iters < 0:
         raise ValueError(f"{op}: oversample ({oversample}) and power_iters ({power_iters}) must be >= 0")
     l = min(k + oversample, m, n)
+    if start is not None:
+        start = _check_start(start, batched, B, m, n, k, A.device, op)
+        l = start.shape[-1]
     be = resolve(backend, A.device, op)
     if be == "reference":
         # The kernels refuse NaN / Inf from the sketch A @ omega (every entry of A reaches it) at no extra pass;
@@ -140,11 +150,31 @@ def randomized_svd(A, k: int, oversample: int = 10, power_iters: int = 2,
         U, S, V = (torch.empty(0, m, k, dtype=acc, device=A.device), torch.empty(0, k, dtype=acc, device=A.device),
                    torch.empty(0, n, k, dtype=acc, device=A.device))
     else:
-        omega = _test_matrix(B, n, l, A.dtype, A.device, seed, op)
+        omega = _test_matrix(B, n, l, A.dtype, A.device, seed, op) if start is None else start.to(acc)
         U, S, V = _dispatch(be, A, omega, k, power_iters, centered)
     if not batched:
         U, S, V = U[0], S[0], V[0]
     return U, S, V
+
+
+def _check_start(start, batched, B, m, n, k, device, op):
+    """The start block as [B, n, l], or ValueError naming what is wrong with it."""
+    if not isinstance(start, torch.Tensor) or start.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: start must be a float Tensor, got {getattr(start, 'dtype', type(start).__name__)}")
+    if start.device != device:
+        raise ValueError(f"{op}: start is on {start.device} but A is on {device}")
+    want = "[B, n, l]" if batched else "[n, l]"
+    if start.dim() != (3 if batched else 2):
+        raise ValueError(f"{op}: start must be {want}, got shape {tuple(start.shape)}")
+    if not batched:
+        start = start.unsqueeze(0)
+    l = start.shape[-1]
+    if start.shape[0] != B or start.shape[1] != n or not k <= l <= min(m, n):
+        raise ValueError(f"{op}: start must be {want} with n = {n} and k = {k} <= l <= min(m, n) = {min(m, n)} "
+                         f"for A of shape {(B, m, n) if batched else (m, n)}; got {tuple(start.shape)}")
+    if not bool(torch.isfinite(start).all()):
+        raise ValueError(f"{op}: start contains NaN or Inf")
+    return start
 
 
 def _dispatch(be, A, omega, k, q, centered):
