@@ -1,6 +1,6 @@
 """Task examples and running a module on them: an iterable of batches split into per-example inputs
 (``collect_examples``), per-example inputs collated back into one batch (``collate``, right-padding where
-lengths differ), a batch handed to a module (``call_model``, under ``evaluating``: eval mode and no_grad), its
+lengths differ; ``concat_batches`` joins batches of equal ``batch_signature``), a batch handed to a module (``call_model``, under ``evaluating``: eval mode and no_grad), its
 logits read (``logits_of``), and ``TaskExamples``: one task's inputs with their cached per-example targets.
 """
 import contextlib
@@ -103,6 +103,32 @@ def collate(examples, pad_value=0, device=None):
         cols = [one([e[i] for e in examples], i) for i in range(len(first))]
         return tuple(cols) if isinstance(first, tuple) else cols
     raise ValueError(f"collate: unsupported example type {type(first).__name__}")
+
+
+def batch_signature(batch):
+    """The shapes (batch dim excluded), dtypes and structure of a collated batch: batches of equal signature
+    can be concatenated along the batch dim (concat_batches) without padding."""
+    if isinstance(batch, torch.Tensor):
+        return ("t", tuple(batch.shape[1:]) if batch.dim() else None, batch.dtype)
+    if isinstance(batch, Mapping):
+        return ("d",) + tuple((k, batch_signature(v)) for k, v in batch.items())
+    if isinstance(batch, (list, tuple)):
+        return (type(batch).__name__,) + tuple(batch_signature(v) for v in batch)
+    return ("v", id(batch))
+
+
+def concat_batches(batches):
+    """Collated batches of one signature -> one batch, rows in order (tensors of dim >= 1 concatenated along
+    dim 0; 0-d tensors and other values from the first batch, as collate shares them)."""
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(batches, 0) if first.dim() else first
+    if isinstance(first, Mapping):
+        return {k: concat_batches([b[k] for b in batches]) for k in first}
+    if isinstance(first, (list, tuple)):
+        cols = [concat_batches([b[i] for b in batches]) for i in range(len(first))]
+        return tuple(cols) if isinstance(first, tuple) else cols
+    return first
 
 
 def call_model(module, batch):

@@ -29,6 +29,32 @@ def as_state_dict(obj, what) -> "OrderedDict[str, torch.Tensor]":
     raise ValueError(f"{what} must be an nn.Module or a state dict, got {type(obj).__name__}")
 
 
+def align_base_keys(base_sd, keys, what="learned merge"):
+    """base_sd re-keyed by one prefix when that makes it hold every one of `keys` (the merged keys of the
+    models) and it does not as it is: a bare body as the base of models that wrap it ("embeddings.x" ->
+    "bert.embeddings.x"), or a wrapped base of bare models (the prefix removed). Returns (state dict, prefix
+    note or None); base_sd itself when no single prefix fits."""
+    missing = [k for k in keys if k not in base_sd]
+    if not missing:
+        return base_sd, None
+    k = missing[0]
+    for i, c in enumerate(k):          # the models' keys carry a prefix the base lacks
+        if c == "." and k[i + 1:] in base_sd:
+            prefix = k[:i + 1]
+            if all(m.startswith(prefix) and m[len(prefix):] in base_sd for m in missing):
+                out = OrderedDict((prefix + b, v) for b, v in base_sd.items())
+                out.update((b, v) for b, v in base_sd.items() if b not in out and b in keys)
+                return out, f"added the prefix {prefix!r} to the base's keys"
+    for b in base_sd:                  # the base's keys carry a prefix the models lack
+        if b.endswith("." + k):
+            prefix = b[:-len(k)]
+            out = OrderedDict((b2[len(prefix):], v) for b2, v in base_sd.items() if b2.startswith(prefix))
+            if all(m in out or m in base_sd for m in keys):
+                out.update((b2, v) for b2, v in base_sd.items() if b2 in keys and b2 not in out)
+                return out, f"removed the prefix {prefix!r} from the base's keys"
+    return base_sd, None
+
+
 def task_names_and_models(models, task_names=None, what="models"):
     """(names, entries): models as a sequence or {name: module}; entries are modules or loaders."""
     if isinstance(models, (nn.Module, torch.Tensor)) or models is None:

@@ -41,9 +41,10 @@ layer_groups=None, init=None, start=None, gather_embeddings=True, batch_tasks=Tr
     as model(*batch), a tensor as model(batch). logits: outputs.logits, outputs["logits"], outputs[0] of a
     tuple, or the tensor itself.
 ``merged.forward_tasks(examples, shared, pad_value=0, extract=logits_of) -> [Tensor | None] * T``
-    All tasks in ONE forward (batch_tasks=True): examples[t] (per-example inputs) are collated together and
-    run through an all-tasks skeleton whose head submodules dispatch each task's rows to its own head
-    (heads of different widths are zero-padded, then sliced back); one forward per task otherwise.
+    examples[t] (per-example inputs) collated per task (padded to that task's longest example, never to
+    another task's); with batch_tasks=True the tasks whose batches have equal shapes run as ONE forward of an
+    all-tasks skeleton whose head submodules dispatch each task's rows to its own head (heads of different
+    widths are zero-padded, then sliced back); one forward per task otherwise.
     extract(outputs) must return a tensor whose dim 0 is the batch (it is split by rows).
 ``merged.verify(examples_per_task) -> {"gathered": bool, "batched": bool}``: run once before optimising:
     compares the fast paths (gathered embeddings, all-tasks forward) with the plain per-task dense path on a
@@ -52,6 +53,7 @@ layer_groups=None, init=None, start=None, gather_embeddings=True, batch_tasks=Tr
 ``merged.state_dicts(gamma=None) -> (shared, per_task)``: final merged tensors (fp32 accumulation, cast to
     each key's dtype); per_task[t] = shared + task t's own task-specific entries.
 """
+import logging
 import math
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional
@@ -61,14 +63,15 @@ from torch import nn
 
 from ..dtypes import FLOAT_DTYPES
 from . import gathered_embeddings
-from .batching import collate, logits_of
+from .batching import batch_signature, collate, concat_batches, logits_of
 from .gathered_embeddings import GatheredTable
-from .inputs import as_state_dict, compile_regex, format_keys, task_names_and_models
+from .inputs import align_base_keys, as_state_dict, compile_regex, format_keys, task_names_and_models
 from .skeletons import TaskDispatch, all_tasks_skeleton, functional_forward, skeleton
 from .stacks import TaskVectorStack
 from .start_points import StartPoint
 
 GRANULARITIES = ("task", "layer")
+logger = logging.getLogger("pymerge.learn")
 
 
 class MergedModel:
@@ -123,6 +126,7 @@ class MergedModel:
                                  "expected an nn.Module")
             sd = module.state_dict(keep_vars=True)
             if t == 0:
+                base_sd = self._aligned_base(sd, base_sd, ts_re, what)
                 self._plan(module, sd, base_sd, ts_re, lg_re, what)
             else:
                 self._check_model(t, sd, what)
@@ -147,6 +151,16 @@ class MergedModel:
         default = 0.0 if start.gamma_starts_at_zero else 1.0 / T
         self.gamma = nn.Parameter(_init_gamma(init, default, G, T, dtype, self.device, what))
         return self
+
+    @staticmethod
+    def _aligned_base(sd, base_sd, ts_re, what):
+        """base_sd re-keyed when its keys and model 0's merged keys differ by one prefix (align_base_keys)."""
+        wanted = [k for k, v in sd.items() if (ts_re is None or ts_re.search(k) is None) and
+                  v.dtype in FLOAT_DTYPES and v.numel() > 0]
+        aligned, note = align_base_keys(base_sd, wanted, what)
+        if note is not None:
+            logger.info("%s: %s (they now match the fine-tuned models')", what, note)
+        return aligned
 
     def _plan(self, module, sd, base_sd, ts_re, lg_re, what):
         """From model 0: canonical keys (ties merged), task-specific keys, merged keys, groups, stacks and the
@@ -421,31 +435,36 @@ class MergedModel:
         return logits_of(self.forward(t, batch, shared))
 
     def forward_tasks(self, examples, shared=None, pad_value=0, extract=logits_of):
-        """Every task at once: examples[t] (a list of per-example inputs, possibly empty) collated into ONE
-        batch, one forward of the all-tasks skeleton, extract(outputs) split back by rows (and, where the
-        heads' widths differ, sliced back to task t's width). Falls back to one forward per task when the
-        all-tasks path is off. Returns a list of T tensors (None for a task without examples)."""
+        """Every task on one merged parameter set: examples[t] (a list of per-example inputs, possibly empty)
+        collated per task, so each task is padded to its own longest example only; tasks whose batches then
+        have the same shapes run as ONE forward of the all-tasks skeleton (all of them when every task has the
+        same length), extract(outputs) split back by rows (and, where the heads' widths differ, sliced back to
+        task t's width). One forward per task when the all-tasks path is off. Returns a list of T tensors (None
+        for a task without examples)."""
         if shared is None:
             shared = self.shared_params()
-        sizes = [len(ex) for ex in examples]
+        batches = [collate(ex, pad_value, self.device) if ex else None for ex in examples]
         if self.batched is None:
-            return [extract(self.forward(t, collate(ex, pad_value, self.device), shared)) if ex else None
-                    for t, ex in enumerate(examples)]
-        for d in self._dispatch:
-            d.sizes = sizes
-        batch = collate([e for ex in examples for e in ex], pad_value, self.device)
-        out = extract(functional_forward(self.batched, shared, batch))
-        widths = self._dispatch[-1].widths if self._dispatch else None
-        res, o, w = [], 0, 0
-        for t, n in enumerate(sizes):
-            if not n:
-                res.append(None)
-                continue
-            part = out[o:o + n]
-            if widths is not None and widths[w] != out.shape[-1]:
-                part = part[..., :widths[w]]
-            res.append(part)
-            o, w = o + n, w + 1
+            return [extract(self.forward(t, b, shared)) if b is not None else None for t, b in enumerate(batches)]
+        buckets = OrderedDict()     # tasks whose per-task batches have equal shapes share one forward
+        for t, b in enumerate(batches):
+            if b is not None:
+                buckets.setdefault(batch_signature(b), []).append(t)
+        res = [None] * len(examples)
+        for tasks in buckets.values():
+            sizes = [len(examples[t]) if t in tasks else 0 for t in range(len(examples))]
+            for d in self._dispatch:
+                d.sizes = sizes
+            batch = batches[tasks[0]] if len(tasks) == 1 else concat_batches([batches[t] for t in tasks])
+            out = extract(functional_forward(self.batched, shared, batch))
+            widths = self._dispatch[-1].widths if self._dispatch else None
+            o = 0
+            for w, t in enumerate(tasks):
+                part = out[o:o + sizes[t]]
+                if widths is not None and widths[w] != out.shape[-1]:
+                    part = part[..., :widths[w]]
+                res[t] = part
+                o += sizes[t]
         return res
 
     # ------------------------------------------------------------------------------------------ result

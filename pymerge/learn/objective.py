@@ -17,6 +17,8 @@ plugs into pymerge.learn.pipeline.learn.
                                                       data (the cache key); None: never cached
     loss(t, outputs, targets) -> scalar Tensor         mean over the batch of task t, differentiable
     pad_value: None, or the pad value its inputs need when collated (set by prepare; else learn's pad_value)
+    tokenizer, text_max_length: set by learn() when a task's data are texts (pymerge.learn.model_sources):
+                                                      the default examples() tokenizes them one by one
 ``outputs`` is what ``logits_of`` returns for the batch (override ``Objective.extract`` to use raw outputs).
 ``TeacherOptions(batch_size, pad_value, cache, cache_dir, progress)``: learn()'s settings handed to prepare().
 """
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .batching import collect_examples, logits_of
+from .model_sources import is_text_list, pad_token_id, text_examples
 
 
 @dataclass
@@ -41,9 +44,17 @@ class Objective:
     """Base class of an objective over the merged model's outputs (see the module docstring)."""
     needs_teacher = False
     pad_value = None
+    tokenizer = None
+    text_max_length = None
 
     def examples(self, task, source, limit):
-        """Per-example items of one task's data: the first `limit` examples of its batches."""
+        """Per-example items of one task's data: the first `limit` examples of its batches, or of its texts
+        (a list of str, tokenized one by one by self.tokenizer, padded with its pad token)."""
+        if is_text_list(source):
+            if self.tokenizer is not None:
+                self.pad_value = {"input_ids": pad_token_id(self.tokenizer)}
+            return text_examples(source[:limit] if limit is not None else source, self.tokenizer,
+                                 self.text_max_length, task)
         return collect_examples(source, task, limit)
 
     def prepare(self, t, module, examples, options: TeacherOptions):

@@ -4,11 +4,14 @@
     Each step draws batch_size examples mixed across tasks (batch_size // T per task, the remainder to the
     first tasks; each task's examples reshuffled every pass), runs every task once on ONE shared merged
     parameter set and minimises sum_t loss_t (docs/METHODS.md §Learned coefficients: tasks summed
-    unweighted). ``step() -> float``, ``run(steps, progress=True, desc=...) -> [float]`` (tqdm bar with the
-    running loss), ``loss(gamma=None, indices=None)`` the objective on given examples (used by the gradient
-    checks).
+    unweighted). ``step() -> float``, ``run(steps, progress=True, desc=..., log_every=None) -> [float]`` (tqdm
+    bar with the running loss, and a line through the logger "pymerge.learn" every log_every steps: step,
+    running loss, elapsed, ETA; None = about ten lines a run), ``loss(gamma=None, indices=None)`` the
+    objective on given examples (used by the gradient checks).
 """
+import logging
 import math
+import time
 from typing import List, Sequence
 
 import torch
@@ -16,6 +19,14 @@ import torch
 from .batching import TaskExamples, collate
 from .merged_model import MergedModel
 from .objective import Objective
+
+logger = logging.getLogger("pymerge.learn")
+LOG_LINES = 10   # log_every=None: about this many progress lines per run
+
+
+def default_log_every(steps):
+    """log_every=None: a line every ceil(steps / 10) steps (at least every step)."""
+    return max(1, math.ceil(steps / LOG_LINES))
 
 
 class CoefficientOptimizer:
@@ -90,7 +101,10 @@ class CoefficientOptimizer:
         self.losses.append(value)
         return value
 
-    def run(self, steps, progress=True, desc="merge"):
+    def run(self, steps, progress=True, desc="merge", log_every=None):
+        """`steps` optimisation steps; progress: a tqdm bar (running loss); every log_every steps (None: about
+        ten lines a run, 0: never) and at the last one, an INFO line through the logger "pymerge.learn":
+        step, running loss, elapsed and remaining time, so a run without a terminal still reports."""
         bar = None
         if progress:
             try:
@@ -98,14 +112,19 @@ class CoefficientOptimizer:
                 bar = tqdm(total=steps, desc=desc, leave=False)
             except ImportError:
                 bar = None
+        every = default_log_every(steps) if log_every is None else int(log_every)
         running = None
-        for _ in range(steps):
+        start = time.perf_counter()
+        for i in range(1, steps + 1):
             value = self.step()
             running = value if running is None else 0.9 * running + 0.1 * value
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.4g}")
+            if every > 0 and (i % every == 0 or i == steps):
+                elapsed = time.perf_counter() - start
+                logger.info("%s: step %d/%d, loss %.4g (running %.4g), %.1f s elapsed, ETA %.1f s", desc, i, steps,
+                            value, running, elapsed, elapsed / i * (steps - i))
         if bar is not None:
             bar.close()
         return self.losses
-

@@ -14,9 +14,12 @@ Result ``LearnedMerge``:
     coefficients: Gamma, [T] at task granularity, [G, T] at layer granularity (detached, float32/64).
     losses: the objective after every step. save_coefficients(path) writes Gamma as JSON.
     config: the options used (scalars saved in the JSON); teacher_cache_hits: how many tasks' targets came
-        from the disk cache (objectives with targets only).
+        from the disk cache (objectives with targets only); read_seconds / optimise_seconds: wall time reading
+        the models (task vectors, teacher targets, start point) and optimising Gamma.
 """
 import json
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -25,9 +28,12 @@ import torch
 from .batching import TaskExamples
 from .inputs import data_per_task, task_names_and_models
 from .merged_model import MergedModel
+from .model_sources import is_text_list, load_tokenizer, model_dirs, resolve_models
 from .objective import Objective, TeacherOptions
 from .optimizer import CoefficientOptimizer
 from .start_points import StartPoint
+
+logger = logging.getLogger("pymerge.learn")
 
 
 @dataclass
@@ -72,16 +78,27 @@ def learn(base, models, data, objective: Objective, *, method, task_names=None, 
           granularity="layer", layer_groups=None, init=None, default_init=None, start: Optional[StartPoint] = None,
           lr=1e-2, batch_size=None, epochs=4, steps=None, examples_per_task=None, clamp=None, seed=0,
           teacher_batch_size=32, pad_value=0, teacher_cache=False, cache_dir=None, gather_embeddings=True,
-          batch_tasks=True, progress=True):
+          batch_tasks=True, progress=True, log_every=None, model_factory=None, tokenizer=None,
+          text_max_length=None):
     """The whole pipeline; divmerge() (classification and causal LM) and adamerging() call it with their
     objective, start point and defaults. The objective turns each task's data into examples
     (objective.examples) and, while the fine-tuned model is read, into inputs and cached targets
     (objective.prepare); teacher_cache / cache_dir: the disk cache of those targets (pymerge.teachers).
-    start: a StartPoint (None: the pretrained start)."""
+    start: a StartPoint (None: the pretrained start). log_every: a progress line through the logger
+    "pymerge.learn" every N steps (None: about ten a run; 0: none), and one per task while the models are read.
+    model_factory, tokenizer, text_max_length: models given as Hugging Face directories or state dicts, data as
+    texts (pymerge.learn.model_sources)."""
     what = method
     start = StartPoint() if start is None else start
+    dirs = model_dirs(base, models)
+    base, models = resolve_models(base, models, model_factory, what)
     names, entries = task_names_and_models(models, task_names, f"{what}: models")
     sources = data_per_task(data, names, f"{what}: data")
+    tokenizer = tokenizer if tokenizer is not None else objective.tokenizer
+    if tokenizer is not None or any(is_text_list(src) for src in sources):
+        objective.tokenizer = load_tokenizer(tokenizer, dirs, what)
+    if text_max_length is not None:
+        objective.text_max_length = text_max_length
     if examples_per_task is not None and (isinstance(examples_per_task, bool) or int(examples_per_task) < 1):
         raise ValueError(f"{what}: examples_per_task = {examples_per_task} must be a positive int (or None: all)")
     if steps is None and not (isinstance(epochs, int) and epochs >= 1):
@@ -90,15 +107,27 @@ def learn(base, models, data, objective: Objective, *, method, task_names=None, 
         raise ValueError(f"{what}: steps = {steps} must be a non-negative int")
     # Data first: a bad data source fails before any model is touched.
     examples = [objective.examples(name, src, examples_per_task) for src, name in zip(sources, names)]
+    if objective.pad_value is not None:   # texts: the tokenizer's pad token
+        pad_value = objective.pad_value
     options = TeacherOptions(batch_size=teacher_batch_size, pad_value=pad_value, cache=teacher_cache,
                              cache_dir=cache_dir, progress=progress)
     prepared: List[Optional[tuple]] = [None] * len(names)
 
-    def on_model(t, module):
-        prepared[t] = objective.prepare(t, module, examples[t], options)
+    began = time.perf_counter()
 
-    if init is None and default_init is not None and not start.gamma_starts_at_zero:
-        init = default_init
+    def on_model(t, module):
+        tick = time.perf_counter()
+        prepared[t] = objective.prepare(t, module, examples[t], options)
+        if log_every != 0:
+            cached = getattr(prepared[t][1], "loaded_from_cache", None)
+            logger.info("%s: task %d/%d %r read: %d examples%s, %.1f s", what, t + 1, len(names), names[t],
+                        len(examples[t]), "" if cached is None else
+                        " (teacher targets from the disk cache)" if cached else " (teacher targets computed)",
+                        time.perf_counter() - tick)
+
+    if init is None and not start.gamma_starts_at_zero:
+        # the start point's own Gamma (start='cart': CART's lam), else the method's default
+        init = start.initial_gamma if start.initial_gamma is not None else default_init
     merged = MergedModel.build(base, dict(zip(names, entries)), task_specific_keys=task_specific_keys,
                                granularity=granularity, layer_groups=layer_groups, init=init, start=start,
                                gather_embeddings=gather_embeddings, batch_tasks=batch_tasks, on_model=on_model,
@@ -111,7 +140,12 @@ def learn(base, models, data, objective: Objective, *, method, task_names=None, 
     opt = CoefficientOptimizer(merged, tasks, objective, lr=lr, batch_size=batch_size, clamp=clamp, seed=seed,
                                pad_value=pad_value, what=what)
     total = int(steps) if steps is not None else epochs * opt.steps_per_epoch()
-    opt.run(total, progress=progress, desc=method)
+    if log_every != 0:
+        logger.info("%s: models read in %.1f s; %d steps of %d examples, Γ %s", what, time.perf_counter() - began,
+                    total, sum(opt.sizes), list(merged.gamma.shape))
+    read_s = time.perf_counter() - began
+    opt.run(total, progress=progress, desc=method, log_every=log_every)
+    optimise_s = time.perf_counter() - began - read_s
     shared, per_task = merged.state_dicts()
     gam = merged.gamma.detach().clone()
     coefficients = gam[0] if granularity == "task" else gam
@@ -120,6 +154,8 @@ def learn(base, models, data, objective: Objective, *, method, task_names=None, 
                   task_specific_keys=task_specific_keys, init=init if isinstance(init, (int, float)) else None,
                   init_from=None)
     config.update(start.config())
+    # wall time: reading the models (task vectors, teacher targets or their cache, start point, checks), optimising
+    config.update(read_seconds=round(read_s, 3), optimise_seconds=round(optimise_s, 3))
     if any(task.targets is not None for task in tasks):
         # targets read from the disk cache carry loaded_from_cache (pymerge.teachers.CachedTargets)
         config["teacher_cache_hits"] = sum(bool(getattr(task.targets, "loaded_from_cache", False)) for task in tasks)

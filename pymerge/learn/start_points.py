@@ -4,6 +4,7 @@ papers' start). A StartPoint then rewrites theta_s and delta_t once, before the 
 
     name                 what LearnedMerge.config["start"] records
     gamma_starts_at_zero True: Gamma starts at 0 (the optimisation starts exactly at theta_s)
+    initial_gamma        Gamma's start when the caller gives no init (None: the method's default, 1/T)
     apply(merged, what)  rewrite merged.stacks in place (TaskVectorStack.start may be rebound: it can be the
                          base's own tensor, which is never written; delta is the model's own buffer)
     config()             options recorded in LearnedMerge.config
@@ -24,6 +25,7 @@ class StartPoint:
     """The pretrained start: theta_s = theta_0, delta_t = tau_t, Gamma at the method's default."""
     name = "pretrained"
     gamma_starts_at_zero = False
+    initial_gamma = None
 
     def apply(self, merged, what):
         pass

@@ -39,22 +39,27 @@ SPEC = LearnedMethodSpec(
         lp.TASK_SPECIFIC_KEYS,
         lp.LAYER_GROUPS,
         replace(lp.INIT, default=0.3, optional=True, help="initial Γ: a number, [T] or [G, T] values; None = 1/T "
-                "(Γ starts at 0 with init_from unless init is given)"),
+                "(unless init is given: Γ starts at 0 with init_from, at CART's λ with start='cart')"),
         replace(lp.LR, default=1e-3),
         replace(lp.BATCH_SIZE, help=lp.BATCH_SIZE.help.replace("4 * T", f"{BATCH_PER_TASK} * T")),
         replace(lp.EPOCHS, default=1),
         replace(lp.STEPS, default=500, optional=True, help="optimisation steps; None = epochs passes over the data"),
         replace(lp.EXAMPLES_PER_TASK, help=lp.EXAMPLES_PER_TASK.help + " (cycled)"),
-        Param("clamp", (0.0, 1.0), "Γ projected onto [low, high] after every step; None = unconstrained",
+        Param("clamp", (0.0, 1.0), "Γ projected onto [low, high] after every step; None = unconstrained (the "
+              "default with start='cart', whose Γ starts at CART's λ = 2)",
               type=tuple, check=_clamp, optional=True),
         lp.TEMPERATURE,
         *lp.START_PARAMS,
         lp.SEED,
         lp.PROGRESS,
+        lp.LOG_EVERY,
         lp.BACKEND,
         lp.GATHER_EMBEDDINGS,
         lp.BATCH_TASKS,
         lp.TASK_NAMES,
+        lp.MODEL_FACTORY,
+        lp.TOKENIZER,
+        lp.TEXT_MAX_LENGTH,
         lp.PAD_VALUE,
     ),
 )
@@ -85,8 +90,10 @@ def adamerging(base, models, data, *, task_specific_keys=None, granularity="laye
     if o["batch_size"] is None:
         o["batch_size"] = BATCH_PER_TASK * len(models)
     init = o.pop("init")
-    if "init" not in opts and o["init_from"] is not None:
-        init = None  # start exactly at the static merge (Gamma = 0)
+    if "init" not in opts and (o["init_from"] is not None or o["start"] == "cart"):
+        init = None  # start exactly at the static merge (init_from: Gamma = 0; start='cart': CART's lam)
+    if "clamp" not in opts and o["start"] == "cart":
+        o["clamp"] = None  # CART's lam (2.0) lies outside [0, 1]: unconstrained, as FusionBench's AdaMerging
     start = pop_learned_start(o, "adamerging")
     result = learn(base, models, data, objective, method="adamerging", init=init, start=start, **o)
     result.config.update(temperature=objective.temperature, clamp=str(o["clamp"]))

@@ -22,6 +22,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from ..learn.model_sources import architectures, is_model_dir
 from ..learn.pipeline import learn
 from ..teachers.cache import CachedTargets
 from ..teachers.classification import LogProbTeacher
@@ -44,10 +45,6 @@ def _eos_token_id(v):
     if isinstance(v, (list, tuple)) and all(integer(e) is None for e in v):
         return None
     return "must be 'auto', None, an int or a list of ints"
-
-
-def _tokenizer(v):
-    return None if callable(v) else "must be a tokenizer: text -> {'input_ids': [...]} (a transformers tokenizer)"
 
 
 # Paper Table 9 (docs/METHODS.md §DivMerge): Adam lr 1e-2, batch 4 x T mixed across tasks, 4 epochs, 200 (task
@@ -81,6 +78,7 @@ SPEC = LearnedMethodSpec(
         *lp.START_PARAMS,
         lp.SEED,
         lp.PROGRESS,
+        lp.LOG_EVERY,
         lp.BACKEND,
         Param("teacher_cache", True, "cache the teachers on disk (safetensors under cache_dir/teachers, keyed by "
               "model fingerprint + data hash + settings), so a rerun starts at the optimisation", type=bool,
@@ -90,6 +88,9 @@ SPEC = LearnedMethodSpec(
         lp.GATHER_EMBEDDINGS,
         lp.BATCH_TASKS,
         lp.TASK_NAMES,
+        lp.MODEL_FACTORY,
+        lp.TOKENIZER,
+        replace(lp.TEXT_MAX_LENGTH, model_kinds=CLASSIFICATION),
         Param("teacher_batch_size", 32, "examples per teacher forward", type=int, check=int_at_least(1),
               model_kinds=CLASSIFICATION),
         replace(lp.PAD_VALUE, model_kinds=CLASSIFICATION),
@@ -105,7 +106,6 @@ SPEC = LearnedMethodSpec(
               "else 0", type=int, check=integer, model_kinds=CAUSAL_LM),
         Param("generation_batch_size", 8, "prompts per generation batch", type=int, check=int_at_least(1),
               model_kinds=CAUSAL_LM),
-        Param("tokenizer", None, "tokenizes string prompts", type=object, check=_tokenizer, model_kinds=CAUSAL_LM),
         Param("use_generate", None, "generate with model.generate (True) or a plain greedy loop (False); None = "
               "model.generate when the model has one", type=object, check=boolean, model_kinds=CAUSAL_LM),
     ),
@@ -213,11 +213,17 @@ def kind_of_architectures(names):
 
 def infer_kind(base, models):
     """The model kind for kind="auto": from the class names and config.architectures of the fine-tuned
-    models that are modules (loaders are not called), then of the base; "classification" when none tells.
+    models that are modules or model directories (loaders are not called, state dicts tell nothing), then of
+    the base; "classification" when none tells.
     (The command line reads the same names from config.json files: pymerge.cli.kind_from_configs.)"""
     entries = list(models.values()) if isinstance(models, Mapping) else \
         list(models) if isinstance(models, (list, tuple)) else []
     for m in [*entries, base]:
+        if is_model_dir(m):      # a Hugging Face directory: its config.json's architectures
+            kind = kind_of_architectures(architectures(m))
+            if kind is not None:
+                return kind
+            continue
         if not isinstance(m, nn.Module) or getattr(getattr(m, "config", None), "is_encoder_decoder", False):
             continue
         kind = kind_of_architectures([type(m).__name__,
@@ -233,7 +239,11 @@ def divmerge(base, models, data, *, task_specific_keys=None, granularity="layer"
 
     base: nn.Module or state dict (theta_0). models: T fine-tuned nn.Modules (a sequence, or {task: module};
     zero-argument loaders are accepted and keep one model in memory at a time), each complete with its own
-    head. data: per task the unlabelled data (a sequence of T, or {task: iterable} with the models' names).
+    head. What a caller holds also works (pymerge.learn.model_sources): the base and the models as local
+    Hugging Face model directories (loaded offline, one at a time; a base whose keys lack or carry the models'
+    prefix, e.g. a BertModel for BertForSequenceClassification models, is aligned), or as state dicts with
+    model_factory=f(state_dict) -> nn.Module; a task's data as a list of texts with tokenizer= (or the
+    directories' own tokenizer), each text truncated to text_max_length. data: per task the unlabelled data (a sequence of T, or {task: iterable} with the models' names).
     task_specific_keys: regex of keys not merged, task t uses its own (e.g. r"^classifier\\."); None: every key
     is merged, heads included, so they must agree. granularity: "layer" (one Gamma per task per key, or per
     ``layer_groups`` match) or "task". divergence: "js" or "kl" (forward, teacher || merged).
@@ -261,7 +271,7 @@ def divmerge(base, models, data, *, task_specific_keys=None, granularity="layer"
                                  divergence=divergence, kind=kind), kind)
     del o["kind"]
     if kind == "causal-lm":
-        generation = {k: o.pop(k) for k in GENERATION_OPTIONS}
+        generation = {k: o.pop(k) for k in GENERATION_OPTIONS}   # the tokenizer goes to learn() (o["tokenizer"])
         objective = GenerativeObjective(o.pop("divergence"), o.pop("temperature"), o.pop("beta"), o["backend"],
                                         **generation)
     else:

@@ -6,6 +6,7 @@ dataclasses.replace where its default differs (AdaMerging's lr=1e-3, steps=500, 
 type is what a command-line flag parses (pymerge.cli generates the flags); its check accepts what Python may
 pass besides (init: a list or a tensor, init_from: a state dict or a callable).
 """
+import os
 from collections.abc import Mapping
 
 import torch
@@ -54,7 +55,8 @@ TASK_SPECIFIC_KEYS = Param("task_specific_keys", None, "regex of keys not merged
                            type=str, check=regex)
 LAYER_GROUPS = Param("layer_groups", None, "regex: one Γ per task per match (layer granularity); None: one per key",
                      type=str, check=regex)
-INIT = Param("init", None, "initial Γ: a number, [T] or [G, T] values; None = 1/T (Γ starts at 0 with init_from)",
+INIT = Param("init", None, "initial Γ: a number, [T] or [G, T] values; None = 1/T (start='cart': CART's λ; "
+             "init_from: 0)",
              check=_init)
 LR = Param("lr", 1e-2, "Adam learning rate", check=positive_number)
 BATCH_SIZE = Param("batch_size", None, "examples per step, mixed across tasks (batch_size // T of every task); "
@@ -67,6 +69,8 @@ EXAMPLES_PER_TASK = Param("examples_per_task", None, "the first N examples of ea
 TEMPERATURE = Param("temperature", 1.0, "softmax temperature of the logits", check=positive_number)
 SEED = Param("seed", 0, "seed of the batch order", type=int, check=integer)
 PROGRESS = Param("progress", True, "tqdm progress bar with the running loss", type=bool, check=boolean)
+LOG_EVERY = Param("log_every", None, "an INFO line through logging (logger 'pymerge.learn') every N steps: step, "
+                  "loss, elapsed, ETA; None = about ten lines a run; 0 = none", type=int, check=int_at_least(0))
 BACKEND = Param("backend", BACKEND_PARAM.default, "pymerge.ops backend of the loss (and of start='cart''s "
                 "randomized SVD)", type=str, choices=BACKEND_PARAM.choices)
 GATHER_EMBEDDINGS = Param("gather_embeddings", True, "look merged embedding rows up without materialising the "
@@ -75,20 +79,44 @@ BATCH_TASKS = Param("batch_tasks", True, "run every task's examples as one batch
                     "(verified once against the plain path)", type=bool, check=boolean)
 TASK_NAMES = Param("task_names", None, "one name per model; None = the models mapping's keys, else task0, task1, ...",
                    type=object, check=_task_names)
+def _model_factory(v):
+    return None if callable(v) else "must be a callable state_dict -> nn.Module"
+
+
+def _tokenizer(v):
+    if callable(v) or isinstance(v, (str, os.PathLike)):
+        return None
+    return "must be a tokenizer (text -> {'input_ids': [...]}, e.g. a transformers tokenizer) or its directory"
+
+
+# What the caller holds (pymerge.learn.model_sources): models as state dicts or Hugging Face directories, data as texts.
+MODEL_FACTORY = Param("model_factory", None, "builds the module of a model (or base) given as a state dict: "
+                      "f(state_dict) -> nn.Module, then loaded strictly (it may size a head from the state dict)",
+                      type=object, check=_model_factory)
+TOKENIZER = Param("tokenizer", None, "tokenizes data given as texts (a list of str per task): a tokenizer or the "
+                  "directory of one (read offline); None = the base's or a model directory's, when given as "
+                  "directories", type=object, check=_tokenizer)
+TEXT_MAX_LENGTH = Param("text_max_length", None, "data given as texts: tokens per text, longer ones truncated; None = "
+                        "the tokenizer's model_max_length, at most 512", type=object, check=int_at_least(1),
+                        optional=True)
 PAD_VALUE = Param("pad_value", 0, "right-padding when examples of different lengths share a batch; a dict maps "
                   "input names to pad values", type=object, check=_pad_value)
 
-# The start point (pymerge.methods.learned_starts.learned_start reads these six).
+# The start point (pymerge.methods.learned_starts.learned_start reads these six). start='cart' takes static CART's
+# defaults (its Params): svd, lam (Γ's start), so that it starts where pymerge.merge("cart", ...) ends.
+CART_DEFAULTS = {p.name: p.default for p in cart.SPEC.params}
 START = Param("start", "pretrained", "'pretrained': θ_0 + Σ_t Γ_t τ_t (the papers); 'cart': θ_avg + Σ_t Γ_t "
-              "lowrank(θ_t − θ_avg) (docs/METHODS.md §Adaptive CART)", type=str, choices=("pretrained", "cart"))
+              "lowrank(θ_t − θ_avg), Γ starting at static CART's λ (init None), i.e. at pymerge.merge('cart') "
+              "(docs/METHODS.md §Adaptive CART)", type=str, choices=("pretrained", "cart"))
 CART_RANK_RATIO = Param("cart_rank_ratio", None, "start='cart': k = max(1, int(ratio * min(m, n))), in (0, 1]; "
                         f"None = {cart.DEFAULT_RANK_RATIO} (static CART's default)",
                         check=number_in(0, 1, low_open=True))
-CART_KEYS = Param("cart_keys", None, "start='cart': regex selecting the 2-D keys in low rank; None = every 2-D "
-                  "merged key except embeddings and pymerge.methods.cart's default exclusions (heads, poolers)",
-                  type=str, check=regex)
-CART_SVD = Param("cart_svd", "exact", "start='cart': 'exact' or 'randomized' (pymerge.ops.randomized_svd, "
-                 "oversample 10, 2 power iterations)", type=str, choices=("exact", "randomized"))
+CART_KEYS = Param("cart_keys", None, "start='cart': static CART's low_rank_keys (a regex, or 'vit'); None = CART's "
+                  "default selection: every 2-D merged key matching none of pymerge.methods.cart.DEFAULT_EXCLUDE_KEYS "
+                  "(embeddings, heads, poolers)", type=str, check=regex)
+CART_SVD = Param("cart_svd", CART_DEFAULTS["svd"], "start='cart': static CART's svd, 'randomized' "
+                 "(its oversampling and power iterations, seed 0 per key) or 'exact'", type=str,
+                 choices=("exact", "randomized"))
 INIT_FROM = Param("init_from", None, "start from a static merge, Γ from 0: a static method name (pymerge.merge), "
                   "a merged state dict, or f(base_sd, model_sds, **init_from_params) -> state dict", type=str,
                   check=_init_from)

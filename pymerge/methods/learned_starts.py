@@ -4,13 +4,16 @@
 turns the learned methods' start options into a pymerge.learn.start_points.StartPoint:
   - start="pretrained", init_from=None: theta_s = theta_0, delta_t = tau_t (the papers);
   - start="cart" (docs/METHODS.md §Adaptive CART): theta_s = theta_avg, delta_t = CART's rank-k part of
-    theta_t - theta_avg on the selected 2-D keys (CartStart, the factorisation of pymerge.methods.cart), the
-    full centered vector elsewhere;
+    theta_t - theta_avg on CART's low-rank keys, the full centered vector elsewhere, and Gamma starting at
+    static CART's lam (2.0): the optimisation starts at pymerge.merge("cart", ...) with CART's defaults. The
+    key selection (cart.select_low_rank_keys), the rank (cart.ratio_rank) and the factorisation
+    (cart.low_rank_factors: randomized SVD, oversample max(10, k // 2), 2 power iterations, seeded per key by
+    key_seed(0, key)) are static CART's own, so start="cart" and init_from="cart" start at the same point;
   - init_from=<static method name>: theta_s = pymerge.merge(name, theta_0, [theta_t], **init_from_params),
     delta_t = tau_t, Gamma from 0; a merged state dict or a callable goes to StaticMergeStart as it is.
 """
 import functools
-import re
+from types import SimpleNamespace
 
 import torch
 
@@ -18,41 +21,49 @@ from ..learn.inputs import compile_regex
 from ..learn.start_points import StartPoint, StaticMergeStart
 from ..merge import merge
 from . import cart
-from .learned_params import START_PARAMS
+from .learned_params import CART_DEFAULTS, START_PARAMS
 from .params import check_value
 from .spec import key_seed
 
 # the learned methods' options that make their start point (with backend, which their objective also reads)
 START_OPTIONS = tuple(p.name for p in START_PARAMS)
-# docs/METHODS.md §Adaptive CART: cart_svd="randomized" is pymerge.ops.randomized_svd with that op's defaults
-# (l = k + 10 columns, 2 power iterations), not static CART's l = 1.5 k.
-CART_START_OVERSAMPLE = 10
-CART_START_POWER_ITERS = 2
+# docs/METHODS.md §Adaptive CART: static CART's defaults (pymerge.methods.cart), so that start="cart" and
+# init_from="cart" factor every key alike: its lam (Gamma's start), oversampling and power iterations.
+CART_LAM = CART_DEFAULTS["lam"]
+CART_SVD = CART_DEFAULTS["svd"]
+CART_START_OVERSAMPLE = cart.DEFAULT_OVERSAMPLE
+CART_START_POWER_ITERS = cart.DEFAULT_POWER_ITERS
 
 
 class CartStart(StartPoint):
-    """theta_s = theta_avg, delta_t = rank-k approximation of theta_t - theta_avg (selected 2-D keys) or the
-    full centered vector (others), k = max(1, int(rank_ratio * min(m, n))). keys: a regex selecting among the
-    2-D merged keys; None: every 2-D merged key that is no untied nn.Embedding table and matches none of
-    pymerge.methods.cart.DEFAULT_EXCLUDE_KEYS. svd="randomized": each key's test matrix is seeded by
-    key_seed(0, key), whatever stack the key is in."""
+    """theta_s = theta_avg, delta_t = rank-k approximation of theta_t - theta_avg (CART's low-rank keys) or the
+    full centered vector (others), k = cart.ratio_rank(rank_ratio, m, n); Gamma starts at lam (static CART's
+    2.0): Phi = theta_avg + lam sum_t SVD_k(tau_bar_t) is static CART. keys: CART's low_rank_keys (a regex
+    among the >= 2-D merged keys); None: cart.select_low_rank_keys's default (2-D keys matching none of
+    cart.DEFAULT_EXCLUDE_KEYS). svd: cart.low_rank_factors's "randomized" (static CART's oversampling and power
+    iterations, each key seeded by key_seed(0, key), as pymerge.merge("cart", ...) with seed 0) or "exact"."""
     name = "cart"
 
-    def __init__(self, rank_ratio=cart.DEFAULT_RANK_RATIO, keys=None, svd="exact", backend="auto",
-                 what="learned merge"):
-        self.rank_ratio, self.svd, self.backend = rank_ratio, svd, backend
-        self.keys = compile_regex(keys, "cart_keys", what)
-        self.exclude = [re.compile(p) for p in cart.DEFAULT_EXCLUDE_KEYS]
+    def __init__(self, rank_ratio=cart.DEFAULT_RANK_RATIO, keys=None, svd=CART_SVD, backend="auto",
+                 what="learned merge", lam=CART_LAM):
+        self.rank_ratio, self.svd, self.backend, self.what = rank_ratio, svd, backend, what
+        compile_regex(keys, "cart_keys", what)       # a bad regex fails here, before any model is read
+        self.keys = keys
+        self.initial_gamma = lam
 
     def config(self):
-        return {"start": self.name, "cart_rank_ratio": self.rank_ratio}
+        return {"start": self.name, "cart_rank_ratio": self.rank_ratio, "cart_svd": self.svd}
 
-    def _selected(self, key, shape, embedding_keys):
-        if self.keys is not None:
-            return self.keys.search(key) is not None and len(shape) == 2
-        return len(shape) == 2 and key not in embedding_keys and not any(e.search(key) for e in self.exclude)
+    def selected(self, merged):
+        """CART's low-rank keys among the merged keys (pymerge.methods.cart.select_low_rank_keys)."""
+        try:
+            keys = {k: SimpleNamespace(shape=shape) for k, shape in merged.shape_of.items()}
+            return set(cart.select_low_rank_keys(keys, self.keys))
+        except ValueError as e:
+            raise ValueError(f"{self.what}: start='cart': {e}") from None
 
     def apply(self, merged, what):
+        selected = self.selected(merged)
         with torch.no_grad():
             for g in merged.stacks:
                 mean = g.delta.mean(dim=1, keepdim=True)                       # [K, 1, S]
@@ -60,9 +71,9 @@ class CartStart(StartPoint):
                 g.delta.sub_(mean)
                 del mean
                 for i, (k, shape) in enumerate(zip(g.keys, g.shapes)):
-                    if not self._selected(k, shape, merged.embedding_keys):
+                    if k not in selected:
                         continue
-                    m, n = shape
+                    m, n = cart.matrix_shape(shape)
                     A = g.delta[i].view(-1, m, n)
                     U, S, V = cart.low_rank_factors(A, cart.ratio_rank(self.rank_ratio, m, n), svd=self.svd,
                                                     oversample=CART_START_OVERSAMPLE,
@@ -71,7 +82,7 @@ class CartStart(StartPoint):
                     A.copy_((U * S.unsqueeze(-2)) @ V.mT)
 
 
-def learned_start(start="pretrained", *, cart_rank_ratio=None, cart_keys=None, cart_svd="exact", init_from=None,
+def learned_start(start="pretrained", *, cart_rank_ratio=None, cart_keys=None, cart_svd=CART_SVD, init_from=None,
                   init_from_params=None, backend="auto", what="learned merge") -> StartPoint:
     """The StartPoint of the learned methods' options (see the module docstring); ValueError naming the
     option for a bad one (checked by the options' Params, pymerge.methods.learned_params). backend: the

@@ -14,15 +14,27 @@ from ..learn.objective import Objective, TeacherOptions
 from .cache import CachedTargets, cached_targets
 
 
+def _size(example):
+    """The number of elements of an example's tensors: examples of similar size share a teacher batch."""
+    if isinstance(example, torch.Tensor):
+        return example.numel()
+    values = example.values() if isinstance(example, dict) else example if isinstance(example, (list, tuple)) \
+        else ()
+    return sum(v.numel() for v in values if isinstance(v, torch.Tensor))
+
+
 def teacher_targets(module, examples, objective, t, *, batch_size=32, pad_value=0, device=None):
-    """objective.teacher(t, outputs) of `module` on the examples, in chunks, computed once under no_grad and
-    returned per example (on `device`)."""
-    out = []
+    """objective.teacher(t, outputs) of `module` on the examples, in chunks of examples of similar size (little
+    padding), computed once under no_grad and returned per example, in the examples' order (on `device`)."""
+    order = sorted(range(len(examples)), key=lambda i: _size(examples[i]))
+    out = [None] * len(examples)
     with evaluating(module):
-        for i in range(0, len(examples), batch_size):
-            batch = collate(examples[i:i + batch_size], pad_value, device)
+        for i in range(0, len(order), batch_size):
+            chunk = order[i:i + batch_size]
+            batch = collate([examples[j] for j in chunk], pad_value, device)
             target = objective.teacher(t, objective.extract(call_model(module, batch)))
-            out.extend(target.detach().to(device).unbind(0))
+            for j, row in zip(chunk, target.detach().to(device).unbind(0)):
+                out[j] = row
     return out
 
 
