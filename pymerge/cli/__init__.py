@@ -26,14 +26,15 @@ tokenizer) and <method>.json (the learned Γ per task and group, the loss curve,
 classification with task-specific heads, one complete model per task in OUT/<NAME>/.
 DivMerge's teacher outputs are cached on disk (--cache-dir, default $PYMERGE_CACHE or ~/.cache/pymerge).
 
-One module per command family (learned.py: divmerge, adamerging; merge.py: merge), what they share in common.py; a new
+One module per command family (learned.py: divmerge, adamerging), what they share in common.py; a new
 command is a module with add_parsers(sub), listed in COMMANDS. Nothing else in pymerge imports this package.
 """
 import argparse
 import json  # noqa: F401 (tests patch cli.json.dump)
+import logging
 import sys
 
-from . import learned, merge as merge_command
+from . import eval as eval_command, learned, merge as merge_command
 from .common import (CLIError, EXIT_USAGE, add_option_flags, check_device, check_options, option_flag,
                      parse_pairs, read_jsonl_texts)
 from .learned import IO_ARGUMENTS, cmd_adamerging, cmd_divmerge, given_options
@@ -43,7 +44,7 @@ __all__ = ["main", "build_parser", "CLIError", "EXIT_USAGE", "add_option_flags",
            "given_options"]
 
 # The modules that add subcommands (each has add_parsers(sub)).
-COMMANDS = (learned, merge_command)
+COMMANDS = (learned, eval_command, merge_command)
 
 
 def cmd_methods(args):
@@ -64,9 +65,21 @@ def build_parser():
     return p
 
 
+def _log_to_stderr():
+    """pymerge's progress lines (logger "pymerge": models read, every N optimiser steps, experts built) on
+    stderr, unless the caller has configured that logger already."""
+    logger = logging.getLogger("pymerge")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    _log_to_stderr()
     try:
         return args.func(args)
     except CLIError as e:

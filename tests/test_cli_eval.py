@@ -1,0 +1,145 @@
+"""`pymerge eval` on tiny BERTs and tiny JSONL tasks: a run's reports and printed table, a user's own model
+directories, and every input error as one line with exit status 2, before anything is trained."""
+import csv
+
+import pytest
+import torch
+
+from pymerge import cli
+from pymerge.eval import experts as ex
+from test_divmerge import one_thread, teacher_cache_dir  # noqa: F401 (autouse: 1 thread, a per-test cache)
+from test_eval_experts import _sentiment_jsonl, backbone_dir  # noqa: F401 (fixture)
+
+
+@pytest.fixture
+def files(tmp_path):
+    return {n: _sentiment_jsonl(tmp_path / f"{n}.jsonl", n=40, seed=i) for i, n in enumerate(("a", "b", "c"))}
+
+
+def _run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _task_args(files, names=("a", "b", "c")):
+    return [w for n in names for w in ("--task", f"{n}={files[n]}")]
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("fine-tuned although the command line is wrong")
+
+    monkeypatch.setattr(ex, "fine_tune", boom)
+
+
+def test_eval_writes_reports_with_the_numbers_it_prints(files, backbone_dir, tmp_path, capsys,  # noqa: F811
+                                                        teacher_cache_dir):  # noqa: F811
+    out = tmp_path / "report"
+    code, stdout, err = _run(["eval", "--methods", "weight_average,ties", "--backbone", backbone_dir,
+                              *_task_args(files), "--subsets", "2,3", "--subsets-per-size", "2", "--out", out],
+                             capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["anp_vs_tasks.png", "per_task.png", "results.csv",
+                                                     "results.md"]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    variants = {r["variant"] for r in rows}
+    assert variants == {"expert", "pretrained", "task_arithmetic", "weight_average", "ties"}
+    assert {r["size"] for r in rows} == {"2", "3"} and len([r for r in rows if r["variant"] == "ties"]) == 3
+    three = {r["variant"]: r for r in rows if r["size"] == "3"}
+    line = next(l for l in stdout.splitlines() if l.startswith("ties "))
+    assert line.split()[-2] == f"{100 * float(three['ties']['anp']):.1f}"
+    md = (out / "results.md").read_text()
+    assert "$ pymerge eval --suite text --methods weight_average,ties --subsets 2,3" in md
+    assert stdout.startswith("$ pymerge eval --suite text")
+    # the experts were built into PYMERGE_CACHE (the tests' own cache)
+    assert len(list((teacher_cache_dir / "experts").iterdir())) == 3
+    # ANP of the expert row is 1 and its accuracies are each expert's
+    for r in rows:
+        if r["variant"] == "expert":
+            assert float(r["anp"]) == 1.0
+
+
+def test_eval_with_a_users_model_dirs(files, backbone_dir, tmp_path, capsys):  # noqa: F811
+    from transformers import BertForSequenceClassification
+    dirs = {}
+    for i, n in enumerate(("a", "b")):
+        torch.manual_seed(i)
+        model = BertForSequenceClassification.from_pretrained(backbone_dir, num_labels=2)
+        with torch.no_grad():
+            for name, p in model.bert.named_parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        model.config.id2label = {0: "pos", 1: "neg"}  # columns named: mapped onto the task's sorted classes
+        model.config.label2id = {"pos": 0, "neg": 1}
+        dirs[n] = tmp_path / f"m{n}"
+        model.save_pretrained(dirs[n])
+    out = tmp_path / "r"
+    code, stdout, err = _run(["eval", "--methods", "task_arithmetic", "--backbone", backbone_dir,
+                              *_task_args(files, ("a", "b")), "--model", f"a={dirs['a']}", "--model",
+                              f"b={dirs['b']}", "--subsets", "2", "--out", out, "--max-length", "12"], capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["variant"] for r in rows} == {"expert", "pretrained", "task_arithmetic"}
+    md = (out / "results.md").read_text()
+    assert str(dirs["a"]) in md
+    # the expert row: each model on its task's test split, its columns mapped by name onto the task's classes
+    from pymerge.eval import task_from_jsonl
+    from transformers import BertTokenizer
+    tok = BertTokenizer.from_pretrained(backbone_dir)
+    expert = {r["subset"]: r for r in rows if r["variant"] == "expert"}["a+b"]
+    for n in ("a", "b"):
+        task = task_from_jsonl(n, files[n])
+        texts, labels = task.split("test")
+        model = BertForSequenceClassification.from_pretrained(dirs[n]).eval()
+        with torch.no_grad():
+            names = [model.config.id2label[model(**tok(t, truncation=True, max_length=12, return_tensors="pt"))
+                                           .logits.argmax(-1).item()] for t in texts]
+        want = sum(task.class_names[y] == name for y, name in zip(labels, names)) / len(labels)
+        assert float(expert[f"acc:{n}"]) == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "cartt"], "--methods 'cartt': unknown method(s) ['cartt']"),
+    (["--methods", ""], "--methods: give at least one method"),
+    (["--methods", "ties", "--subsets", "2,x"], "--subsets '2,x': expected comma-separated integers"),
+    (["--methods", "ties", "--subsets", "2,5"], "--subsets 2,5: size 5 is not between 1 and the number of tasks "
+                                                "(3: a, b, c)"),
+    (["--methods", "ties", "--subsets", "0"], "size 0 is not between 1"),
+    (["--methods", "ties", "--subsets-per-size", "0"], "--subsets-per-size 0: must be a positive integer"),
+    (["--methods", "ties", "--tasks", "rt_polarity,imdb"], "--tasks: unknown task(s) ['imdb']"),
+    (["--methods", "ties", "--suite", "generative"], "--suite 'generative': only 'text' is implemented"),
+    (["--methods", "ties", "--model", "a=/nonexistent/model", "--model", "b=/tmp", "--model", "c=/tmp"],
+     "--model a=/nonexistent/model: not a Hugging Face model directory (no config.json)"),
+    (["--methods", "ties", "--model", "zzz=/tmp"], "--model zzz=...: no data for task 'zzz'"),
+    (["--methods", "ties", "--model", "a=/tmp"], "--model is given for ['a'] but not for ['b', 'c']"),
+    (["--methods", "ties", "--task", "a=x.jsonl"], "--task: task 'a' given twice"),
+    (["--methods", "ties", "--task", "bad name=x.jsonl"], "NAME may hold letters"),
+    (["--methods", "ties", "--steps", "0"], "--steps 0: must be a positive integer"),
+])
+def test_input_errors_exit_2_naming_the_input(files, capsys, no_training, argv, message):
+    code, out, err = _run(["eval", *_task_args(files), *argv], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("pymerge eval: error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_missing_or_bad_task_file_is_named(tmp_path, capsys, no_training):
+    code, _, err = _run(["eval", "--methods", "ties", "--task", f"x={tmp_path / 'missing.jsonl'}"], capsys)
+    assert code == 2 and f"--task x={tmp_path / 'missing.jsonl'}" in err and "does not exist" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": 1}\n{"text": "b"}\n')
+    code, _, err = _run(["eval", "--methods", "ties", "--task", f"x={bad}"], capsys)
+    assert code == 2 and f"{bad}:2: expected an object with \"text\" and \"label\"" in err
+
+
+def test_unwritable_out_is_refused_before_training(files, tmp_path, capsys, no_training):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = _run(["eval", "--methods", "ties", *_task_args(files), "--out", blocker / "sub"], capsys)
+    assert code == 2 and f"--out {blocker / 'sub'}: {blocker} is not a directory" in err
+
+
+def test_the_command_is_listed(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    assert "--subsets" in capsys.readouterr().out
