@@ -7,6 +7,8 @@ pymerge.methods).
                      [--task-specific-keys REGEX] [--steps N | --epochs N] [--lr ...] [--no-cache] ...
     pymerge adamerging --base DIR --model NAME=DIR [...] --data NAME=FILE.jsonl [...] --out DIR
                      [--granularity layer|task] [--steps N] [--lr ...] [--no-clamp] ...   (classification)
+    pymerge merge CONFIG.yaml [--out DIR] | --method NAME --base DIR --model DIR ... --param K=V --out DIR
+    pymerge eval --suite text --methods ... [--subsets 2,4,6] [--task NAME=FILE] [--model NAME=DIR] --out DIR
 
 The method options' flags are generated from the methods' declarations (the Params of
 pymerge.methods.get("divmerge") / get("adamerging"), what `pymerge methods` prints): --NAME VALUE, --no-NAME
@@ -26,8 +28,8 @@ tokenizer) and <method>.json (the learned Γ per task and group, the loss curve,
 classification with task-specific heads, one complete model per task in OUT/<NAME>/.
 DivMerge's teacher outputs are cached on disk (--cache-dir, default $PYMERGE_CACHE or ~/.cache/pymerge).
 
-One module per command family (learned.py: divmerge, adamerging), what they share in common.py; a new
-command is a module with add_parsers(sub), listed in COMMANDS. Nothing else in pymerge imports this package.
+One module per command family (learned.py: divmerge, adamerging; merge.py: merge; eval.py: eval), what they
+share in common.py; a new command is a module with add_parsers(sub), listed in COMMANDS. Nothing else in pymerge imports this package.
 """
 import argparse
 import json  # noqa: F401 (tests patch cli.json.dump)
