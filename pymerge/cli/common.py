@@ -2,7 +2,6 @@
 JSONL texts, Hugging Face model directories read offline, --device, output directories checked before work
 and published atomically, and the flags generated from a method's Params."""
 import argparse
-import codecs
 import json
 import os
 import re
@@ -38,38 +37,20 @@ def parse_pairs(values, flag):
 def read_jsonl_texts(path, limit=None):
     """The "text" field of every non-blank line of a UTF-8 JSONL file (the first `limit` ones when given); a
     UTF-8 byte order mark may start the file. Errors name the file and the 1-based line number."""
+    from ..io.jsonl import jsonl_objects
     path = Path(path)
-    if not path.exists():
-        raise CLIError(f"data file {path} does not exist")
-    if not path.is_file():
-        raise CLIError(f"data file {path} is not a file")
     texts = []
     try:
-        f = open(path, "rb")  # bytes: a decoding error can then name its line
-    except OSError as e:
-        raise CLIError(f"data file {path}: cannot read ({e.strerror or e})") from None
-    with f:
-        for lineno, raw in enumerate(f, 1):
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8):]
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise CLIError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
-                               f"of the line); save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CLIError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        for where, obj in jsonl_objects(path):
             if not isinstance(obj, dict) or "text" not in obj:
-                raise CLIError(f"{path}:{lineno}: expected an object with a \"text\" field")
+                raise CLIError(f"{where}: expected an object with a \"text\" field")
             if not isinstance(obj["text"], str) or not obj["text"].strip():
-                raise CLIError(f"{path}:{lineno}: \"text\" must be a non-empty string")
+                raise CLIError(f"{where}: \"text\" must be a non-empty string")
             texts.append(obj["text"])
             if limit is not None and len(texts) >= limit:
                 break
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     if not texts:
         raise CLIError(f"data file {path} is empty (no JSON lines)")
     return texts

@@ -13,7 +13,6 @@ Unlabelled DivMerge / AdaMerging inputs come from the train split, accuracies fr
 hyper-parameters from the validation split.
 """
 import bz2
-import codecs
 import csv
 import gzip
 import importlib.util
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..io.jsonl import jsonl_objects
 from ..teachers.cache import cache_dir, data_fingerprint
 
 SPLITS = ("train", "validation", "test")
@@ -146,37 +146,22 @@ def task_from_jsonl(name: str, path, *, seed: int = 0, **split_options) -> Task:
     if not path.is_file():
         raise ValueError(f"task {name!r}: data file {path} does not exist or is not a file")
     texts, labels, kind = [], [], None
-    with open(path, "rb") as f:  # bytes: a decoding error can then name its line
-        for lineno, raw in enumerate(f, 1):
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8):]
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8") \
-                    from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict) or "text" not in obj or "label" not in obj:
-                raise ValueError(f"{where}: expected an object with \"text\" and \"label\" fields")
-            text, label = obj["text"], obj["label"]
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{where}: \"text\" must be a non-empty string")
-            if type(label) not in _JSON_KIND:
-                raise ValueError(f"{where}: \"label\" must be a JSON string, number or boolean, got "
-                                 f"{json.dumps(label)}")
-            if kind is None:
-                kind = _JSON_KIND[type(label)]
-            elif _JSON_KIND[type(label)] != kind:  # 1 and true (or "1") would otherwise merge or not sort
-                raise ValueError(f"{where}: label {json.dumps(label)} is a {_JSON_KIND[type(label)]}, the "
-                                 f"earlier labels are {kind}s (use one kind)")
-            texts.append(text)
-            labels.append(label)
+    for where, obj in jsonl_objects(path):
+        if not isinstance(obj, dict) or "text" not in obj or "label" not in obj:
+            raise ValueError(f"{where}: expected an object with \"text\" and \"label\" fields")
+        text, label = obj["text"], obj["label"]
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}: \"text\" must be a non-empty string")
+        if type(label) not in _JSON_KIND:
+            raise ValueError(f"{where}: \"label\" must be a JSON string, number or boolean, got "
+                             f"{json.dumps(label)}")
+        if kind is None:
+            kind = _JSON_KIND[type(label)]
+        elif _JSON_KIND[type(label)] != kind:  # 1 and true (or "1") would otherwise merge or not sort
+            raise ValueError(f"{where}: label {json.dumps(label)} is a {_JSON_KIND[type(label)]}, the "
+                             f"earlier labels are {kind}s (use one kind)")
+        texts.append(text)
+        labels.append(label)
     if not texts:
         raise ValueError(f"task {name!r}: data file {path} has no examples")
     try:

@@ -13,6 +13,7 @@ One concern per module:
   atomic_dir.py       AtomicDirectory (temporary sibling, fsync, rename; SIGINT / SIGTERM clean up),
                       refuse_overlap (no output inside an input)
   distributed.py      torchrun: Session (rank, agreement collectives), assign_groups / group_cost (the work split)
+  jsonl.py            jsonl_objects: users' JSON Lines files (tasks, unlabelled inputs), errors naming FILE:LINE
 A reader is a mapping with key_info(key) (pymerge.merge reads shapes and dtypes from it before any data),
 release(keys) and aliases(); nothing here imports the methods.
 """
