@@ -68,26 +68,33 @@ def build_parser():
 
 
 def _log_to_stderr():
-    """pymerge's progress lines (logger "pymerge": models read, every N optimiser steps, experts built) on
-    stderr, unless the caller has configured that logger already."""
+    """A handler showing pymerge's progress lines (logger "pymerge": models read, every N optimiser steps,
+    experts built) on stderr for this command, or None when the caller has configured that logger already."""
     logger = logging.getLogger("pymerge")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
+    if logger.handlers:
+        return None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
+    return handler
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    _log_to_stderr()
+    # Only while the command runs: main() may be called in-process (tests, notebooks), whose stderr changes.
+    handler = _log_to_stderr()
     try:
         return args.func(args)
     except CLIError as e:
         message = " ".join(str(e).split("\n"))  # one line, also for wrapped multi-line library messages
         print(f"pymerge {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if handler is not None:
+            logging.getLogger("pymerge").removeHandler(handler)
 
 
 if __name__ == "__main__":
