@@ -23,6 +23,7 @@ import pymerge.io as pio
 from pymerge import cli
 from pymerge.io import open_model
 from pymerge.peers import mergekit
+from test_divmerge import one_thread  # noqa: F401 (autouse: 1 thread)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -34,12 +35,6 @@ T = 3
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tree_hash(root):

@@ -7,15 +7,7 @@ import torch
 from pymerge import learn, teachers
 from pymerge.methods.divmerge import DivergenceObjective
 
-from test_divmerge import TokenNet, finetunes
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_divmerge import TokenNet, finetunes, one_thread  # noqa: F401 (one_thread: autouse)
 
 
 def ragged_data(lengths, n=8, vocab=23, seed=1):

@@ -8,16 +8,9 @@ import torch
 
 import pymerge
 
-from test_divmerge import TokenNet, finetunes, token_data
+from test_divmerge import TokenNet, finetunes, one_thread, teacher_cache_dir, token_data  # noqa: F401 (autouse: 1 thread, a per-test cache)
 
 
-@pytest.fixture(autouse=True)
-def setup(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYMERGE_CACHE", str(tmp_path / "cache"))
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run(method, caplog, **kw):
