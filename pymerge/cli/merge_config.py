@@ -84,6 +84,13 @@ def _scalar(value, where):
     return value
 
 
+def _unknown_parameter(name, known, method):
+    """The words for a parameter `method` does not have, with the closest known name when there is one."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown parameter of {method}{hint}; known: {sorted(known)}"
+
+
 def _translate(mk_method, name, value, where):
     """(pymerge name, value) of a mergekit parameter of mergekit method mk_method (None: not a mergekit method)."""
     if mk_method is None:
@@ -187,9 +194,7 @@ def _combine(method, mk, global_params, per_model, where):
             return
         new, value = _translate(mk, name, value, f"{where}: {place}{name}")
         if new not in known:
-            close = difflib.get_close_matches(new, list(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise CLIError(f"{where}: {place}{name}: unknown parameter of {method}{hint}; known: {sorted(known)}")
+            raise CLIError(f"{where}: {place}{name}: {_unknown_parameter(new, known, method)}")
         if new in target:
             raise CLIError(f"{where}: {place}{name}: {new} given twice")
         target[new] = value
@@ -295,9 +300,7 @@ def job_from_flags(args):
         if not sep or not name:
             raise CLIError(f"--param {item!r}: expected NAME=VALUE")
         if name not in known:
-            close = difflib.get_close_matches(name, list(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise CLIError(f"--param {item!r}: unknown parameter of {method}{hint}; known: {sorted(known)}")
+            raise CLIError(f"--param {item!r}: {_unknown_parameter(name, known, method)}")
         if name in params:
             raise CLIError(f"--param {name}: given twice")
         params[name] = _parse_value(known[name], text, f"--param {item}")
