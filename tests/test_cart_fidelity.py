@@ -17,7 +17,7 @@ import torch
 
 import pymerge
 from pymerge import synthetic
-from pymerge.methods import cart
+from pymerge.methods import cart, cart_factors
 
 from backend_lists import method_backends
 from test_methods_cart import oracle_cart
@@ -81,16 +81,27 @@ def cart_log():
     logger.setLevel(level)
 
 
+@pytest.fixture
+def iterate(monkeypatch):
+    """The subspace iteration on every key, however small: the Gram route's cost made prohibitive (it is then
+    neither chosen up front nor the iteration's budget; the exact fallback stays)."""
+    monkeypatch.setattr(cart_factors, "GRAM_EIGH", 1e12)
+
+
 def _steps(messages):
     return [int(m.split(" steps")[0].split()[-1]) for m in messages]
 
 
 # ------------------------------------------------------------------------------------------ the guarantee
-@pytest.mark.parametrize("implicit", [False, True])
+@pytest.mark.parametrize("route", ["auto", "iterate", "implicit"])
 @pytest.mark.parametrize("tol", [0.05, 1e-2, 1e-3])
 @pytest.mark.parametrize("family", [flat_family, decaying_family])
-def test_within_tol_of_float64_exact_cart(family, tol, implicit, monkeypatch):
-    if implicit:    # the Centered (never materialised) route through pymerge.ops.randomized_svd
+def test_within_tol_of_float64_exact_cart(family, tol, route, monkeypatch):
+    """auto: what a merge of these small keys does (the Gram route, cheaper here); iterate: the materialised
+    subspace iteration; implicit: the Centered (never materialised) route through pymerge.ops.randomized_svd."""
+    if route == "iterate":
+        monkeypatch.setattr(cart_factors, "GRAM_EIGH", 1e12)
+    if route == "implicit":
         monkeypatch.setattr(cart, "MATERIALIZE_BYTES", 0)
     for rank_ratio in (0.08, 0.16):
         base, models = family(seed=3)
@@ -123,7 +134,7 @@ def test_fixed_power_iters_miss_on_a_flat_tail():
 
 
 # ------------------------------------------------------------------------------------------ the adaptivity
-def test_work_adapts_to_the_spectrum(cart_log):
+def test_work_adapts_to_the_spectrum(cart_log, iterate):
     """A flat tail needs more subspace-iteration steps than a fast-decaying spectrum, and a smaller tol more
     steps than a larger one (the count is not fixed)."""
     base, models = flat_family(seed=2)
@@ -141,9 +152,11 @@ def test_work_adapts_to_the_spectrum(cart_log):
     assert sum(flat_tight) > sum(decaying_tight)
 
 
-def test_no_contraction_falls_back_to_the_exact_svd(cart_log):
+@pytest.mark.parametrize("implicit", [False, True])
+def test_no_contraction_falls_back_to_exact_factors(cart_log, iterate, implicit, monkeypatch):
     """Centered task vectors with equal singular values (no gap anywhere): the iteration cannot settle the
-    rank-k part, so the exact SVD takes over, and the result is exact CART's (a k-subspace of a degenerate
+    rank-k part, so exact factors take over (the Gram route for a materialised key, the SVD behind the implicit
+    operator), and the result is exact CART's (a k-subspace of a degenerate
     spectrum is not unique: the check is the merged weights' distance from any exact truncation's
     theta_avg + lam sum_t P_t tau_bar_t, measured by the kept energy)."""
     g = torch.Generator().manual_seed(0)
@@ -154,18 +167,71 @@ def test_no_contraction_falls_back_to_the_exact_svd(cart_log):
         Q = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64)).Q
         R = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
         models.append({"w": Q @ R})           # every singular value 1
+    if implicit:
+        monkeypatch.setattr(cart, "MATERIALIZE_BYTES", 0)
     merged = pymerge.merge("cart", base, models, tol=1e-3, low_rank_keys="w")
-    assert cart_log and "(exact SVD)" in cart_log[0]
+    assert cart_log and ("(exact SVD)" if implicit else "(exact: Gram eigh)") in cart_log[0]
     exact = pymerge.merge("cart", base, models, svd="exact", low_rank_keys="w")
     assert torch.allclose(merged["w"], exact["w"], atol=1e-10)
 
 
-def test_full_sketch_is_exact(cart_log):
-    """When k + oversample reaches min(m, n) the exact SVD is used directly."""
+def test_full_sketch_is_exact(cart_log, iterate):
+    """When k + oversample reaches min(m, n) exact factors are used directly."""
     base, models = flat_family(seed=4)
     merged = pymerge.merge("cart", base, models, rank_ratio=0.5, tol=1e-2)
-    assert all("(exact SVD)" in msg for msg in cart_log)
-    assert fidelity(merged, base, models, 2.0, 0.5) <= 1e-4      # fp32 rounding of the exact SVD
+    assert all("(exact: Gram eigh)" in msg for msg in cart_log)
+    assert fidelity(merged, base, models, 2.0, 0.5) <= 1e-4      # fp32 rounding of the exact factors
+
+
+# -------------------------------------------------------------------------------------------- the Gram route
+@pytest.mark.parametrize("rank_ratio", [0.08, 0.16, 0.5, 0.9])
+@pytest.mark.parametrize("family", [flat_family, decaying_family])
+def test_gram_route_is_exact_cart(family, rank_ratio, cart_log):
+    """Small keys (r = 80 here: the eigh of r x r costs less than the iteration's passes) take the Gram route: exact
+    CART up to fp32 rounding, on tall, wide and square keys, at any rank. The Gram matrix squares the condition
+    number, so at high rank ratios on a flat spectrum its rounding exceeds the fp32 SVD's (2.4e-4 vs 1.3e-5 at
+    0.9); both stay below 1e-3, the smallest tol served in fp32 (cart.GRAM_FP64_BELOW; the fp32 SVD's own 4.8e-4
+    on the decaying spectrum at 0.9 comes from the fp32 inputs' centering, which the Gram route shares)."""
+    base, models = family(seed=8)
+    merged = pymerge.merge("cart", base, models, rank_ratio=rank_ratio, tol=0.05)
+    assert len(cart_log) == len(MATRICES) and all("0 steps" in m and "(exact: Gram eigh)" in m for m in cart_log)
+    svd32 = fidelity(pymerge.merge("cart", base, models, rank_ratio=rank_ratio, svd="exact"), base, models, 2.0,
+                     rank_ratio)
+    assert fidelity(merged, base, models, 2.0, rank_ratio) <= max(5e-4, 1.5 * svd32)
+
+
+def test_gram_route_in_float64_below_its_fp32_rounding():
+    """tol below cart.GRAM_FP64_BELOW: the Gram route runs in float64 and meets a tol its fp32 rounding misses."""
+    base, models = flat_family(seed=8)
+    assert fidelity(pymerge.merge("cart", base, models, rank_ratio=0.9, tol=0.05), base, models, 2.0, 0.9) > 1e-4
+    assert fidelity(pymerge.merge("cart", base, models, rank_ratio=0.9, tol=1e-4), base, models, 2.0, 0.9) <= 1e-4
+
+
+def test_gram_factors_are_the_truncated_svd():
+    """_gram_factors's U S V^T equals the float64 rank-k truncation, and its S the top singular values, for tall
+    and wide matrices, including an exactly rank-deficient one (zero singular values: no NaN)."""
+    g = torch.Generator().manual_seed(11)
+    for m, n in ((90, 40), (40, 90)):
+        A = torch.randn(3, m, n, generator=g, dtype=torch.float64)
+        A[2] = torch.randn(m, 2, generator=g, dtype=torch.float64) @ torch.randn(2, n, generator=g,
+                                                                                   dtype=torch.float64)
+        U, S, V = cart_factors.gram_factors(A, 5)
+        U0, S0, Vh0 = torch.linalg.svd(A, full_matrices=False)
+        want = (U0[..., :5] * S0[..., None, :5]) @ Vh0[..., :5, :]
+        assert torch.isfinite(U).all() and torch.isfinite(V).all()
+        assert torch.allclose((U * S[..., None, :]) @ V.mT, want, atol=1e-10)
+        assert torch.allclose(S[:2], S0[:2, :5], rtol=1e-10)
+
+
+def test_iteration_hands_over_to_the_gram_route_within_its_cost(cart_log, monkeypatch):
+    """A key whose iteration would need more passes than the Gram route costs stops at that cost and takes the
+    Gram route: the work is bounded by about twice the exact route's, and the result is exact."""
+    monkeypatch.setattr(cart_factors, "gram_passes", lambda m, n, k, l: 7.0)     # start (3) + 2 steps (2 each)
+    monkeypatch.setattr(cart_factors, "expected_passes", lambda tol: 0.0)       # never chosen up front
+    base, models = flat_family(seed=9)
+    merged = pymerge.merge("cart", base, models, tol=1e-5)
+    assert all(m.split(" steps")[0].endswith(" 2") and "(exact: Gram eigh)" in m for m in cart_log), cart_log
+    assert fidelity(merged, base, models, 2.0, 0.08) <= 2e-5
 
 
 def test_seeded_per_key_and_reproducible():

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import pymerge
-from pymerge.methods import cart, get
+from pymerge.methods import cart, cart_factors, get
 from pymerge.ops import center_task_vectors
 
 from backend_lists import method_backends
@@ -162,7 +162,7 @@ def test_randomized_energy_keeps_at_least_the_fraction():
     thetas = [torch.randn(m, n, generator=g, dtype=torch.float64) for _ in range(T)]
     avg = sum(thetas) / T
     A = torch.stack([t - avg for t in thetas])
-    U, S, V = cart._randomized_factors(A, lambda: A.square().sum((-2, -1)), m, n, None, e, 10, 2, 0, "reference",
+    U, S, V = cart_factors.randomized_factors(A, lambda: A.square().sum((-2, -1)), m, n, None, e, 10, 2, 0, "reference",
                                        lambda: pytest.fail("fell back to the exact SVD"))
     for t in range(T):
         k = int((S[t] > 0).sum())

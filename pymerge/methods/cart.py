@@ -1,6 +1,7 @@
 """CART: centered task vectors + low-rank approximation (Choi et al. 2024, arXiv 2412.12153; docs/METHODS.md §CART).
-(~510 lines, over the ~500 guide: the fidelity control's two subspace iterations and its stopping rule stay next
-to the per-key merge loop they are part of.)
+The per-key factorisations (exact, Gram, fixed-iteration randomized, the fidelity control's subspace iteration and
+its stopping rule) live in pymerge/methods/cart_factors.py; this file selects keys, runs the per-key merge loop and
+declares the method.
 
     theta_avg  = (1/T) sum_t theta_t
     tau_bar_t  = theta_t - theta_avg                     (sum_t tau_bar_t = 0)
@@ -26,11 +27,13 @@ lam default 2.0: the official 8-task ViT-B/32 config (14 tasks: 1.5, 20 tasks: 1
 SVD: svd="randomized" (default) with the fidelity control tol (default DEFAULT_TOL when power_iters is not
 given): per key, subspace iteration with Rayleigh-Ritz on l = k + max(10, k) columns, stopped by an a-posteriori
 estimate once theta is within tol of exact CART's merged weights relative to the merged task vector,
-||theta - theta_exact||_F <= tol ||theta_exact - theta_0||_F (see _adaptive_factors and docs/METHODS.md §CART,
+||theta - theta_exact||_F <= tol ||theta_exact - theta_0||_F (see adaptive_factors and docs/METHODS.md §CART,
 "Fidelity"; the exact SVD takes over where the iteration does not contract or the sketch spans min(m, n)).
 Keys small enough (T*m*n*4 bytes <= MATERIALIZE_BYTES) are centered explicitly and iterated in plain torch
-(_DenseIteration); larger ones go through the implicit Centered(thetas, avg) operator of
-pymerge.ops.randomized_svd (start=V continues the iteration; _OpIteration), the centered matrices never
+(DenseIteration), or, where a cost model says it is cheaper (GRAM_EIGH, gram_passes), get exact factors from
+the eigendecomposition of their small Gram matrices (gram_factors: "exact where exact is cheap"), which is also
+their fallback once the iteration would cost more; larger ones go through the implicit Centered(thetas, avg) operator of
+pymerge.ops.randomized_svd (start=V continues the iteration; OpIteration), the centered matrices never
 materialised. Each key is seeded by key_seed(seed, key name): a key's merged value is bitwise the same whatever
 keys are merged with it (max_group_bytes, key order, subsets; tests/test_methods_seeding.py).
 With power_iters = q given instead (and always with energy): one pymerge.ops.randomized_svd call per key
@@ -59,24 +62,17 @@ from typing import Callable, List
 
 import torch
 
-from ..dtypes import accumulation_dtype
-from ..ops import Centered, center_task_vectors, low_rank_sum, randomized_svd
+from ..ops import Centered, center_task_vectors, low_rank_sum
+from . import cart_factors as factors
+from .cart_factors import (DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, DEFAULT_RANK_RATIO, GRAM_FP64_BELOW,  # noqa: F401
+                           DenseIteration, OpIteration, adaptive_factors, adaptive_oversampling, exact_factors,
+                           gram_factors, low_rank_factors, randomized_factors, ratio_rank)
 from .params import BACKEND_PARAM, Param, finite_number, int_at_least, integer, number_in, regex_list
 from .spec import KeyGroup, MethodSpec, key_seed
 
 logger = logging.getLogger("pymerge.cart")
 
-DEFAULT_RANK_RATIO = 0.08
-# Fixed-iteration randomized SVD (power_iters given, energy mode, learned start="cart"): l = 1.5 k columns
-# (oversample None = max(10, k // 2)) and, where no count is given, 2 power iterations.
-DEFAULT_OVERSAMPLE = None
-DEFAULT_POWER_ITERS = 2
-# Fidelity control (svd="randomized", rank / rank_ratio): see _adaptive_factors and docs/METHODS.md §CART.
 DEFAULT_TOL = 0.05          # used when neither tol nor power_iters is given
-START_ITERS = 0             # power iterations of the first, seeded call
-ADAPTIVE_OVERSAMPLE = 1.0   # l - k = max(10, ADAPTIVE_OVERSAMPLE * k) when oversample is None
-MAX_STEPS = 24              # subspace-iteration steps before the exact SVD takes over
-MAX_RATE = 0.9              # a contraction rate at or above this is "not converging" (no stop is trusted)
 # Regexes (re.search) of 2-D keys the default selection leaves at theta_avg: embeddings, LM/classification heads
 # and poolers. Change it per call with exclude_keys=[...].
 DEFAULT_EXCLUDE_KEYS = (r"embed", r"(^|\.)(wte|wpe|shared)(\.|$)", r"lm_head", r"(^|\.)heads?(\.|$)",
@@ -185,186 +181,12 @@ def prepare(params: dict, keys: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ merging
-def ratio_rank(ratio, m, n):
-    """k = max(1, int(ratio * min(m, n))), the official code's rank of an m x n key at rank ratio `ratio`."""
-    return max(1, int(ratio * min(m, n)))
-
-
-def _energy_ranks(S, total, e):
-    """S [B, k] (descending), total [B] (||A_b||_F^2) -> k_b = smallest j with sum_{i<=j} S_i^2 >= e total_b, or
-    None for batch entries where k columns do not reach it."""
-    cum = S.square().cumsum(-1)
-    reached = cum >= e * total.unsqueeze(-1)
-    ok = reached[:, -1]
-    ranks = reached.to(torch.int8).argmax(-1) + 1
-    return ranks, ok
-
-
-def _mask_ranks(U, S, V, ranks):
-    """Zero S beyond each entry's rank and trim the factors to the largest rank. U [B, m, k], S [B, k], V [B, n, k]."""
-    kmax = int(ranks.max())
-    keep = torch.arange(kmax, device=S.device).unsqueeze(0) < ranks.to(S.device).unsqueeze(-1)
-    return U[..., :kmax], S[..., :kmax] * keep, V[..., :kmax]
-
-
-def _exact_factors(A, k=None, energy=None):
-    """A: [B, m, n] materialised (fp32/fp64). Full thin SVD; truncated to k, or per-entry energy ranks."""
-    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
-    V = Vh.mT
-    if energy is None:
-        return U[..., :k], S[..., :k], V[..., :k]
-    total = S.square().sum(-1)
-    ranks, ok = _energy_ranks(S, total, energy)
-    # The full spectrum always reaches e up to rounding (official: cumulative / total >= e on the same S).
-    ranks = torch.where(ok, ranks, torch.full_like(ranks, S.shape[-1]))
-    return _mask_ranks(U, S, V, ranks)
-
-
-def _oversampling(oversample, k):
-    return max(10, k // 2) if oversample is None else oversample
-
-
-def _adaptive_oversampling(oversample, k):
-    """l - k of the fidelity-controlled iteration: None = max(10, k) (l = 2 k), the fastest to tol 1e-2 on the
-    MiniLM fine-tunes (benchmarks/methods_cart.py)."""
-    return max(10, int(ADAPTIVE_OVERSAMPLE * k)) if oversample is None else oversample
-
-
 def fidelity_tol(svd, energy, tol, power_iters):
     """The tol a merge runs under: None (no fidelity control: svd="exact", energy, or a fixed power_iters),
     else tol, DEFAULT_TOL when tol is None."""
     if svd != "randomized" or energy is not None or power_iters is not None:
         return None
     return DEFAULT_TOL if tol is None else tol
-
-
-def low_rank_factors(A, k, *, svd="randomized", oversample=DEFAULT_OVERSAMPLE, power_iters=DEFAULT_POWER_ITERS,
-                     seed=None, backend="auto"):
-    """CART's factorisation: rank-k factors U [.., m, k], S [.., k] (descending), V [.., n, k] of centered
-    matrices A ([m, n] or [T, m, n], any float dtype; or a Centered for svd="randomized"), in fp32 (fp64 for
-    fp64). svd="exact": torch.linalg.svd of A in fp32 / fp64, truncated. svd="randomized":
-    pymerge.ops.randomized_svd with l = k + oversample columns (None: max(10, k // 2)), power_iters and
-    seed. The static merge and the learned methods' start="cart" (pymerge.methods.learned_starts) use it."""
-    if svd == "exact":
-        return _exact_factors(A.to(accumulation_dtype(A.dtype)), k)
-    return randomized_svd(A, k, oversample=_oversampling(oversample, k), power_iters=power_iters, seed=seed,
-                          backend=backend)
-
-
-def _randomized_factors(A, total_sq, m, n, k, energy, oversample, power_iters, seed, backend, exact_fallback):
-    """Rank-k (or energy) factors of one key's T centered matrices A ([T, m, n] tensor or Centered) via
-    pymerge.ops.randomized_svd with a fixed number of power iterations. oversample None = max(10, k // 2)
-    (l = 1.5 k columns for k >= 20)."""
-    if energy is None:
-        return low_rank_factors(A, k, svd="randomized", oversample=oversample, power_iters=power_iters, seed=seed,
-                                backend=backend)
-    k_try = ratio_rank(DEFAULT_RANK_RATIO, m, n)
-    while k_try + _oversampling(oversample, k_try) < min(m, n):
-        U, S, V = randomized_svd(A, k_try, oversample=_oversampling(oversample, k_try), power_iters=power_iters,
-                                 seed=seed, backend=backend)
-        ranks, ok = _energy_ranks(S, total_sq(), energy)
-        if bool(ok.all()):
-            return _mask_ranks(U, S, V, ranks)
-        k_try *= 2
-    return exact_fallback()
-
-
-# ------------------------------------------------------------------------------------- fidelity control (tol)
-class _OpIteration:
-    """Subspace iteration on A (a Centered or any tensor) through pymerge.ops.randomized_svd: the first call
-    draws the key's seeded test matrix and runs START_ITERS power iterations; each step continues from the
-    previous right Ritz vectors (start=V, power_iters=0: 2 passes over A, the fused centering kernels for a
-    Centered, then the op's Rayleigh-Ritz SVD). Each call returns all l Ritz triplets (U, S, V)."""
-
-    def __init__(self, A, l, seed, backend):
-        self.A, self.l, self.seed, self.backend = A, l, seed, backend
-
-    def start(self):
-        return randomized_svd(self.A, self.l, oversample=0, power_iters=START_ITERS, seed=self.seed,
-                              backend=self.backend)
-
-    def step(self, U, S, V):
-        return randomized_svd(self.A, self.l, power_iters=0, start=V, backend=self.backend)
-
-
-class _DenseIteration:
-    """The same subspace iteration on a materialised [T, m, n] batch in plain torch, lean enough for small keys
-    (MiniLM-L6: 384 x 384, 1536 x 384), where the op's per-call work (LU / QR factorisations of every iterate,
-    the small SVD through a QR) costs more than its two GEMMs. One step from orthonormal V [T, n, l]:
-    Y = A V; Rayleigh-Ritz through the l x l Gram Y^T Y = W diag(S^2) W^T (eigh, fp64): U = Y W / S, V W, S;
-    then the next V = orth(A^T U) by Cholesky QR (fp64 Gram; A^T U ~ V diag(S) is conditioned like S_1 / S_l,
-    Householder QR where Cholesky fails). Same test matrix as the op for the key's seed."""
-
-    def __init__(self, A, l, seed):
-        self.A, self.l, self.seed = A, l, seed
-
-    def _orth(self, Z):
-        R, info = torch.linalg.cholesky_ex((Z.mT @ Z).double())
-        if bool((info != 0).any()):
-            return torch.linalg.qr(Z).Q
-        return torch.linalg.solve_triangular(R.mT.to(Z.dtype), Z, upper=True, left=False)
-
-    def _rayleigh_ritz(self, V):
-        Y = self.A @ V
-        ev, W = torch.linalg.eigh((Y.mT @ Y).double())
-        S = ev.flip(-1).clamp_min(0).sqrt()
-        W = W.flip(-1).to(Y.dtype)
-        U = (Y @ W) / S.clamp_min(torch.finfo(S.dtype).tiny).to(Y.dtype).unsqueeze(-2)
-        return U, S.to(Y.dtype), V @ W
-
-    def start(self):
-        T, m, n = self.A.shape
-        gen = torch.Generator().manual_seed(self.seed)
-        omega = torch.randn(T, self.l, n, generator=gen, dtype=torch.float32).to(self.A).mT
-        Z = self.A.mT @ (self.A @ omega)
-        for _ in range(START_ITERS):
-            Z = self.A.mT @ (self.A @ torch.linalg.qr(Z).Q)
-        return self._rayleigh_ritz(torch.linalg.qr(Z).Q)
-
-    def step(self, U, S, V):
-        return self._rayleigh_ritz(self._orth(self.A.mT @ U))
-
-
-def _adaptive_factors(iteration, k, lam, merge, theta0, exact_fallback, tol):
-    """The merged weights [m, n] of one key, from rank-k factors of its T centered matrices, within `tol` of exact
-    CART's merged weights relative to the merged task vector, by an a-posteriori estimate (docs/METHODS.md
-    §CART, "Fidelity"). Returns (merged, info).
-
-    iteration: an _OpIteration or _DenseIteration (subspace iteration with Rayleigh-Ritz on l columns, 2
-    passes over A per step). After each step the merged weights M_j = theta_avg + lam sum_t U_t S_t V_t^T are
-    formed (merge(U, S, V): one GEMM of inner dimension T k) and their change c_j = ||M_j - M_(j-1)||_F
-    measured; the remaining error ||M_j - M_exact|| is estimated as c_j rho / (1 - rho), the tail of a
-    geometric series, with rho the larger of the measured ratio c_j / c_(j-1) and the subspace-iteration rate
-    max_t (S_l / S_k)^2 of the Ritz values. It stops when est (1 + tol) <= tol ||M_j - theta_0||_F: then
-    ||M_j - M_exact|| <= tol ||M_exact - theta_0|| whenever est bounds the error. When the iteration does not
-    contract (rho >= MAX_RATE) or runs MAX_STEPS steps, exact_fallback() (the exact SVD's factors) is used."""
-    info = {"steps": 0, "estimate": None, "exact": False}
-    U, S, V = iteration.start()
-    merged = merge(U[..., :k], S[..., :k], V[..., :k])
-    change = None
-    for step in range(1, MAX_STEPS + 1):
-        U, S, V = iteration.step(U, S, V)
-        info["steps"] = step
-        new = merge(U[..., :k], S[..., :k], V[..., :k])
-        prev_change, change = change, float((new - merged).norm())
-        merged = new
-        Sd = S.double()
-        rate = float(torch.where(Sd[..., k - 1] > 0, (Sd[..., -1] / Sd[..., k - 1]).square(),
-                                 torch.zeros_like(Sd[..., 0])).max())
-        if prev_change is not None and prev_change > 0:
-            rate = max(rate, change / prev_change)
-        if change == 0.0:
-            est = 0.0
-        elif rate >= MAX_RATE:
-            continue
-        else:
-            est = change * rate / (1 - rate)
-        d = float((merged - theta0).norm())
-        if est * (1 + tol) <= tol * d:
-            info["estimate"] = est / d if d > 0 else 0.0
-            return merged, info
-    info.update(exact=True, estimate=0.0)
-    return merge(*exact_fallback()), info
 
 
 def _merge_low_rank_keys(keys, bases, models, p, acc):
@@ -403,7 +225,7 @@ def _merge_low_rank_keys(keys, bases, models, p, acc):
 
             def exact(k=None):
                 cent = center_task_vectors(thetas2, out_dtype=acc, backend=p["backend"])[1]
-                return _exact_factors(cent, k, p["energy"])
+                return exact_factors(cent, k, p["energy"])
         else:
             avg = torch.empty(m, n, dtype=acc, device=bases[0].device)
             A = torch.empty(T, m, n, dtype=acc, device=bases[0].device)
@@ -413,28 +235,40 @@ def _merge_low_rank_keys(keys, bases, models, p, acc):
                 return A.square().sum((-2, -1))
 
             def exact(k=None):
-                return _exact_factors(A, k, p["energy"])
+                return exact_factors(A, k, p["energy"])
+
+            def gram(k):
+                if A.dtype == torch.float32 and tol < GRAM_FP64_BELOW:
+                    return tuple(f.to(acc) for f in gram_factors(A.double(), k))
+                return gram_factors(A, k)
 
         def merge(U, S, V):
             return low_rank_sum(U.contiguous(), S.contiguous(), V.contiguous(), scale=p["lam"], base=avg,
                                 backend=p["backend"])
 
         if p["svd"] == "exact":
-            merged = merge(*_exact_factors(A, k, p["energy"]))
+            merged = merge(*exact_factors(A, k, p["energy"]))
         elif tol is None:
-            merged = merge(*_randomized_factors(A, total_sq, m, n, k, p["energy"], p["oversample"],
+            merged = merge(*randomized_factors(A, total_sq, m, n, k, p["energy"], p["oversample"],
                                                 p["power_iters"], key_seed(p["seed"], name), p["backend"], exact))
         else:
-            l = min(k + _adaptive_oversampling(p["oversample"], k), m, n)
-            if l >= min(m, n):      # the sketch would span the whole row space: the exact SVD is cheaper
-                merged, info = merge(*exact(k)), {"steps": 0, "estimate": 0.0, "exact": True}
+            l = min(k + adaptive_oversampling(p["oversample"], k), m, n)
+            # Materialised keys: exact factors from the Gram matrix where the model says they are cheaper than
+            # the iteration to tol, and as the iteration's fallback once it would cost more than them.
+            # Keys behind the implicit operator (large ones) iterate and fall back to the exact SVD as before.
+            budget = float("inf") if implicit else factors.gram_passes(m, n, k, l)
+            if l >= min(m, n) or budget <= factors.expected_passes(tol):
+                merged, info = merge(*(exact(k) if implicit else gram(k))), {"steps": 0, "estimate": 0.0,
+                                                                              "exact": True}
             else:
                 seed = key_seed(p["seed"], name)
-                iteration = _OpIteration(A, l, seed, p["backend"]) if implicit else _DenseIteration(A, l, seed)
+                iteration = OpIteration(A, l, seed, p["backend"]) if implicit else DenseIteration(A, l, seed)
                 theta0 = base.reshape(m, n).to(acc)
-                merged, info = _adaptive_factors(iteration, k, p["lam"], merge, theta0, lambda: exact(k), tol)
+                merged, info = adaptive_factors(iteration, k, p["lam"], merge, theta0,
+                                                 lambda: exact(k) if implicit else gram(k), tol, max_passes=budget)
+            route = " (exact SVD)" if implicit else " (exact: Gram eigh)"
             logger.debug("cart %s %s: k %d, l %d, %d steps, estimate %.2e%s", name, (m, n), k, l, info["steps"],
-                         info["estimate"], " (exact SVD)" if info["exact"] else "")
+                         info["estimate"], route if info["exact"] else "")
         del A
         out[name] = merged.reshape(shape)
         del avg

@@ -1,0 +1,260 @@
+"""CART's per-key factorisations (pymerge/methods/cart.py merges with them; docs/METHODS.md §CART, "Fidelity"):
+the rank-k factors U [.., m, k], S [.., k], V [.., n, k] of one key's T centered matrices tau_bar_t, by
+
+  exact_factors       torch.linalg.svd, truncated (svd="exact"; energy ranks from the full spectrum)
+  gram_factors        exact, from the eigendecomposition of the smaller Gram matrix ("exact where exact is cheap")
+  randomized_factors  pymerge.ops.randomized_svd with a fixed number of power iterations (power_iters, energy)
+  adaptive_factors    the fidelity control tol: subspace iteration (DenseIteration on a materialised batch,
+                      OpIteration through the implicit Centered operator) stopped by an a-posteriori estimate,
+                      within a cost budget (gram_passes / expected_passes: when to take the Gram route instead)
+and low_rank_factors, the entry point the learned methods' start="cart" shares with the static merge.
+"""
+import math
+
+import torch
+
+from ..dtypes import accumulation_dtype
+from ..ops import randomized_svd
+
+DEFAULT_RANK_RATIO = 0.08
+# Fixed-iteration randomized SVD (power_iters given, energy mode, learned start="cart"): l = 1.5 k columns
+# (oversample None = max(10, k // 2)) and, where no count is given, 2 power iterations.
+DEFAULT_OVERSAMPLE = None
+DEFAULT_POWER_ITERS = 2
+# Fidelity control (svd="randomized", rank / rank_ratio): see adaptive_factors and docs/METHODS.md §CART.
+START_ITERS = 0             # power iterations of the first, seeded call
+ADAPTIVE_OVERSAMPLE = 1.0   # l - k = max(10, ADAPTIVE_OVERSAMPLE * k) when oversample is None
+MAX_STEPS = 24              # subspace-iteration steps before exact factors take over
+MAX_RATE = 0.9              # a contraction rate at or above this is "not converging" (no stop is trusted)
+
+
+def ratio_rank(ratio, m, n):
+    """k = max(1, int(ratio * min(m, n))), the official code's rank of an m x n key at rank ratio `ratio`."""
+    return max(1, int(ratio * min(m, n)))
+
+
+def energy_ranks(S, total, e):
+    """S [B, k] (descending), total [B] (||A_b||_F^2) -> k_b = smallest j with sum_{i<=j} S_i^2 >= e total_b, or
+    None for batch entries where k columns do not reach it."""
+    cum = S.square().cumsum(-1)
+    reached = cum >= e * total.unsqueeze(-1)
+    ok = reached[:, -1]
+    ranks = reached.to(torch.int8).argmax(-1) + 1
+    return ranks, ok
+
+
+def mask_ranks(U, S, V, ranks):
+    """Zero S beyond each entry's rank and trim the factors to the largest rank. U [B, m, k], S [B, k], V [B, n, k]."""
+    kmax = int(ranks.max())
+    keep = torch.arange(kmax, device=S.device).unsqueeze(0) < ranks.to(S.device).unsqueeze(-1)
+    return U[..., :kmax], S[..., :kmax] * keep, V[..., :kmax]
+
+
+def exact_factors(A, k=None, energy=None):
+    """A: [B, m, n] materialised (fp32/fp64). Full thin SVD; truncated to k, or per-entry energy ranks."""
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    V = Vh.mT
+    if energy is None:
+        return U[..., :k], S[..., :k], V[..., :k]
+    total = S.square().sum(-1)
+    ranks, ok = energy_ranks(S, total, energy)
+    # The full spectrum always reaches e up to rounding (official: cumulative / total >= e on the same S).
+    ranks = torch.where(ok, ranks, torch.full_like(ranks, S.shape[-1]))
+    return mask_ranks(U, S, V, ranks)
+
+
+def gram_factors(A, k):
+    """Exact rank-k factors of A [T, m, n] (materialised, fp32 / fp64) from the eigendecomposition of its smaller
+    Gram matrix: for m >= n, G = A^T A = V diag(S^2) V^T (torch.linalg.eigh), V_k its top k eigenvectors,
+    U S = A V_k; for m < n the same on A A^T. U S V^T is A V_k V_k^T (or U_k U_k^T A), the rank-k truncation
+    of A, i.e. exact CART's term; S is taken as the column norms of A V_k (= sqrt of the eigenvalues). One GEMM
+    of r = min(m, n) columns and one eigh of r x r per task, instead of a full SVD: on MiniLM-L6's 384-wide keys
+    ~2x (384 x 384) to ~5x (384 x 1536) cheaper than torch.linalg.svd at 1 thread. Rounding: the Gram matrix
+    squares the condition number, so the subspace error of a direction j is ~eps s_1^2 / (s_j^2 - s_(j+1)^2),
+    a factor ~s_1 / (2 s_k) above the SVD's; the directions it blurs carry s_j <~ sqrt(eps) s_1 of the merged
+    weights (tests/test_cart_fidelity.py checks the result against float64 exact CART)."""
+    T, m, n = A.shape
+    wide = m < n
+    ev, W = torch.linalg.eigh(A @ A.mT if wide else A.mT @ A)
+    top = W[..., -k:].flip(-1)                       # eigh is ascending: the top k, descending
+    Y = A.mT @ top if wide else A @ top              # V S (wide) or U S (tall)
+    S = Y.norm(dim=-2)
+    Q = Y / S.clamp_min(torch.finfo(S.dtype).tiny).unsqueeze(-2)
+    return (top, S, Q) if wide else (Q, S, top)
+
+
+# The tol path's choice, per materialised key, between the subspace iteration and gram_factors, from a cost
+# model in flops fitted to per-key CPU times measured at 1 thread (T = 6 flat-tailed MiniLM-L6-shaped keys,
+# rank ratios 0.02 / 0.08 / 0.16; benchmarks/methods_cart.py --case real reports the whole-model result):
+# one pass of the iteration over an m x n matrix with l columns costs 2 m n l for the GEMM plus its share of the
+# Rayleigh-Ritz / orthonormalisation / merge work, ~3.5 (m + n) l^2 + 12.5 l^3; the Gram route 2 m n r for the
+# Gram matrix, GRAM_EIGH r^3 for torch.linalg.eigh and 2 m n k for U S, r = min(m, n). Measured there (ms for
+# 6 tasks, iteration / Gram / official): 384 x 384 at k 30: 50 / 60 / 113; 1536 x 384 at k 30: 111 / 80 / 249;
+# 384 x 384 at k 61: 68 / 60 / 110; at k 7 the iteration (18 ms) always wins.
+GRAM_EIGH = 3.6
+# The Gram route is taken up front when it costs no more than the passes the iteration is expected to need for
+# tol: the start's 3 and 2 per step, log(tol) / log(EXPECTED_RATE) steps, EXPECTED_RATE being the contraction
+# (s_l / s_k)^2 at l = 2 k of the spectrum measured on real MiniLM-L6 fine-tunes (0.40-0.43 at rank ratios
+# 0.02-0.16; pymerge.synthetic.MINILM_CENTERED_SPECTRUM). Otherwise the iteration runs and hands over to the
+# Gram route before it would pass that route's cost. Either way the result is within tol (or exact).
+EXPECTED_RATE = 0.45
+
+
+# The Gram route squares the condition number: in fp32 its merged weights were up to 2.4e-4 (flat spectrum, rank
+# ratio 0.9; 5e-5 at 0.5, <= 3e-5 at 0.16) from float64 exact CART (tests/test_cart_fidelity.py), where the fp32
+# SVD gave 1e-5 to 5e-4. Below this tol it runs in float64 (twice the GEMM, ~1.5x the eigh).
+GRAM_FP64_BELOW = 1e-3
+
+
+def expected_passes(tol):
+    return 3 + 2 * math.log(tol) / math.log(EXPECTED_RATE)
+
+
+def gram_passes(m, n, k, l):
+    """gram_factors's cost per task in passes of the subspace iteration (both from the cost model above)."""
+    r = min(m, n)
+    gram = 2.0 * m * n * r + GRAM_EIGH * r ** 3 + 2.0 * m * n * k
+    one_pass = 2.0 * m * n * l + 3.5 * (m + n) * l ** 2 + 12.5 * l ** 3
+    return gram / one_pass
+
+
+def oversampling(oversample, k):
+    return max(10, k // 2) if oversample is None else oversample
+
+
+def adaptive_oversampling(oversample, k):
+    """l - k of the fidelity-controlled iteration: None = max(10, k) (l = 2 k), the fastest to tol 1e-2 on the
+    MiniLM fine-tunes (benchmarks/methods_cart.py)."""
+    return max(10, int(ADAPTIVE_OVERSAMPLE * k)) if oversample is None else oversample
+
+
+def low_rank_factors(A, k, *, svd="randomized", oversample=DEFAULT_OVERSAMPLE, power_iters=DEFAULT_POWER_ITERS,
+                     seed=None, backend="auto"):
+    """CART's factorisation: rank-k factors U [.., m, k], S [.., k] (descending), V [.., n, k] of centered
+    matrices A ([m, n] or [T, m, n], any float dtype; or a Centered for svd="randomized"), in fp32 (fp64 for
+    fp64). svd="exact": torch.linalg.svd of A in fp32 / fp64, truncated. svd="randomized":
+    pymerge.ops.randomized_svd with l = k + oversample columns (None: max(10, k // 2)), power_iters and
+    seed. The static merge and the learned methods' start="cart" (pymerge.methods.learned_starts) use it."""
+    if svd == "exact":
+        return exact_factors(A.to(accumulation_dtype(A.dtype)), k)
+    return randomized_svd(A, k, oversample=oversampling(oversample, k), power_iters=power_iters, seed=seed,
+                          backend=backend)
+
+
+def randomized_factors(A, total_sq, m, n, k, energy, oversample, power_iters, seed, backend, exact_fallback):
+    """Rank-k (or energy) factors of one key's T centered matrices A ([T, m, n] tensor or Centered) via
+    pymerge.ops.randomized_svd with a fixed number of power iterations. oversample None = max(10, k // 2)
+    (l = 1.5 k columns for k >= 20)."""
+    if energy is None:
+        return low_rank_factors(A, k, svd="randomized", oversample=oversample, power_iters=power_iters, seed=seed,
+                                backend=backend)
+    k_try = ratio_rank(DEFAULT_RANK_RATIO, m, n)
+    while k_try + oversampling(oversample, k_try) < min(m, n):
+        U, S, V = randomized_svd(A, k_try, oversample=oversampling(oversample, k_try), power_iters=power_iters,
+                                 seed=seed, backend=backend)
+        ranks, ok = energy_ranks(S, total_sq(), energy)
+        if bool(ok.all()):
+            return mask_ranks(U, S, V, ranks)
+        k_try *= 2
+    return exact_fallback()
+
+
+# ------------------------------------------------------------------------------------- fidelity control (tol)
+class OpIteration:
+    """Subspace iteration on A (a Centered or any tensor) through pymerge.ops.randomized_svd: the first call
+    draws the key's seeded test matrix and runs START_ITERS power iterations; each step continues from the
+    previous right Ritz vectors (start=V, power_iters=0: 2 passes over A, the fused centering kernels for a
+    Centered, then the op's Rayleigh-Ritz SVD). Each call returns all l Ritz triplets (U, S, V)."""
+
+    def __init__(self, A, l, seed, backend):
+        self.A, self.l, self.seed, self.backend = A, l, seed, backend
+
+    def start(self):
+        return randomized_svd(self.A, self.l, oversample=0, power_iters=START_ITERS, seed=self.seed,
+                              backend=self.backend)
+
+    def step(self, U, S, V):
+        return randomized_svd(self.A, self.l, power_iters=0, start=V, backend=self.backend)
+
+
+class DenseIteration:
+    """The same subspace iteration on a materialised [T, m, n] batch in plain torch, lean enough for small keys
+    (MiniLM-L6: 384 x 384, 1536 x 384), where the op's per-call work (LU / QR factorisations of every iterate,
+    the small SVD through a QR) costs more than its two GEMMs. One step from orthonormal V [T, n, l]:
+    Y = A V; Rayleigh-Ritz through the l x l Gram Y^T Y = W diag(S^2) W^T (eigh, fp64): U = Y W / S, V W, S;
+    then the next V = orth(A^T U) by Cholesky QR (fp64 Gram; A^T U ~ V diag(S) is conditioned like S_1 / S_l,
+    Householder QR where Cholesky fails). Same test matrix as the op for the key's seed."""
+
+    def __init__(self, A, l, seed):
+        self.A, self.l, self.seed = A, l, seed
+
+    def _orth(self, Z):
+        R, info = torch.linalg.cholesky_ex((Z.mT @ Z).double())
+        if bool((info != 0).any()):
+            return torch.linalg.qr(Z).Q
+        return torch.linalg.solve_triangular(R.mT.to(Z.dtype), Z, upper=True, left=False)
+
+    def _rayleigh_ritz(self, V):
+        Y = self.A @ V
+        ev, W = torch.linalg.eigh((Y.mT @ Y).double())
+        S = ev.flip(-1).clamp_min(0).sqrt()
+        W = W.flip(-1).to(Y.dtype)
+        U = (Y @ W) / S.clamp_min(torch.finfo(S.dtype).tiny).to(Y.dtype).unsqueeze(-2)
+        return U, S.to(Y.dtype), V @ W
+
+    def start(self):
+        T, m, n = self.A.shape
+        gen = torch.Generator().manual_seed(self.seed)
+        omega = torch.randn(T, self.l, n, generator=gen, dtype=torch.float32).to(self.A).mT
+        Z = self.A.mT @ (self.A @ omega)
+        for _ in range(START_ITERS):
+            Z = self.A.mT @ (self.A @ torch.linalg.qr(Z).Q)
+        return self._rayleigh_ritz(torch.linalg.qr(Z).Q)
+
+    def step(self, U, S, V):
+        return self._rayleigh_ritz(self._orth(self.A.mT @ U))
+
+
+def adaptive_factors(iteration, k, lam, merge, theta0, exact_fallback, tol, max_passes=float("inf")):
+    """The merged weights [m, n] of one key, from rank-k factors of its T centered matrices, within `tol` of exact
+    CART's merged weights relative to the merged task vector, by an a-posteriori estimate (docs/METHODS.md
+    §CART, "Fidelity"). Returns (merged, info).
+
+    iteration: an OpIteration or DenseIteration (subspace iteration with Rayleigh-Ritz on l columns, 2
+    passes over A per step). After each step the merged weights M_j = theta_avg + lam sum_t U_t S_t V_t^T are
+    formed (merge(U, S, V): one GEMM of inner dimension T k) and their change c_j = ||M_j - M_(j-1)||_F
+    measured; the remaining error ||M_j - M_exact|| is estimated as c_j rho / (1 - rho), the tail of a
+    geometric series, with rho the larger of the measured ratio c_j / c_(j-1) and the subspace-iteration rate
+    max_t (S_l / S_k)^2 of the Ritz values. It stops when est (1 + tol) <= tol ||M_j - theta_0||_F: then
+    ||M_j - M_exact|| <= tol ||M_exact - theta_0|| whenever est bounds the error. When the iteration does not
+    contract (rho >= MAX_RATE), runs MAX_STEPS steps, or another step would take it past max_passes passes over
+    A (the start takes 3, each step 2), exact_fallback() (exact factors) is used."""
+    info = {"steps": 0, "estimate": None, "exact": False}
+    U, S, V = iteration.start()
+    merged = merge(U[..., :k], S[..., :k], V[..., :k])
+    change = None
+    for step in range(1, MAX_STEPS + 1):
+        if 3 + 2 * step > max_passes:
+            break
+        U, S, V = iteration.step(U, S, V)
+        info["steps"] = step
+        new = merge(U[..., :k], S[..., :k], V[..., :k])
+        prev_change, change = change, float((new - merged).norm())
+        merged = new
+        Sd = S.double()
+        rate = float(torch.where(Sd[..., k - 1] > 0, (Sd[..., -1] / Sd[..., k - 1]).square(),
+                                 torch.zeros_like(Sd[..., 0])).max())
+        if prev_change is not None and prev_change > 0:
+            rate = max(rate, change / prev_change)
+        if change == 0.0:
+            est = 0.0
+        elif rate >= MAX_RATE:
+            continue
+        else:
+            est = change * rate / (1 - rate)
+        d = float((merged - theta0).norm())
+        if est * (1 + tol) <= tol * d:
+            info["estimate"] = est / d if d > 0 else 0.0
+            return merged, info
+    info.update(exact=True, estimate=0.0)
+    return merge(*exact_fallback()), info
