@@ -58,7 +58,7 @@ A selection that matches no eligible key raises ValueError (listing the eligible
 """
 import logging
 import re
-from typing import Callable, List
+from typing import List
 
 import torch
 
@@ -112,38 +112,50 @@ def matrix_shape(shape):
     return int(shape[0]), n
 
 
-def select_low_rank_keys(keys: dict, low_rank_keys=None, exclude_keys=DEFAULT_EXCLUDE_KEYS) -> List[str]:
-    """Names (in order) of the keys CART approximates in low rank. keys: {name: KeyInfo or Tensor}.
-
-    Raises ValueError when the selection (or one of its patterns) matches no eligible key.
-    """
-    def dims(v):
-        return len(v.shape)
-
+def selects(key: str, shape, low_rank_keys=None, exclude_keys=DEFAULT_EXCLUDE_KEYS) -> bool:
+    """Whether CART approximates `key` (of `shape`) in low rank: the rule select_low_rank_keys applies to every key
+    (without its whole-model checks that the patterns compile and each selects a key). Callers that see one key at
+    a time (pymerge/adapters/mergekit.py) use it directly."""
+    dims = len(shape)
     if low_rank_keys is None:
-        excl = [_compile(p, "exclude_keys") for p in exclude_keys]
-        eligible = [k for k, v in keys.items() if dims(v) == 2]
-        chosen = [k for k in eligible if not any(p.search(k) for p in excl)]
-        if not chosen:
-            raise ValueError(f"cart: the default selection (2-D keys not matching exclude_keys={list(exclude_keys)}) "
-                             f"is empty; 2-D keys: {eligible[:10]}{' ...' if len(eligible) > 10 else ''}")
-        return chosen
-    eligible = [k for k, v in keys.items() if dims(v) >= 2]
-    hint = f"keys with >= 2 dims: {eligible[:10]}{' ...' if len(eligible) > 10 else ''}"
+        return dims == 2 and not any(re.search(p, key) for p in exclude_keys)
+    if dims < 2:
+        return False
     if isinstance(low_rank_keys, str) and low_rank_keys in PRESETS:
-        pred: Callable[[str], bool] = PRESETS[low_rank_keys]
-        chosen = [k for k in eligible if pred(k)]
-    elif callable(low_rank_keys):
-        chosen = [k for k in eligible if low_rank_keys(k)]
-    else:
+        return bool(PRESETS[low_rank_keys](key))
+    if callable(low_rank_keys):
+        return bool(low_rank_keys(key))
+    patterns = [low_rank_keys] if isinstance(low_rank_keys, str) else list(low_rank_keys)
+    return any(re.search(p, key) for p in patterns)
+
+
+def select_low_rank_keys(keys: dict, low_rank_keys=None, exclude_keys=DEFAULT_EXCLUDE_KEYS) -> List[str]:
+    """Names (in order) of the keys CART approximates in low rank (selects() on each). keys: {name: KeyInfo or
+    Tensor}.
+
+    Raises ValueError when a pattern is not a valid regex, or the selection (or one of its patterns) matches no
+    eligible key.
+    """
+    if low_rank_keys is None:
+        for p in exclude_keys:
+            _compile(p, "exclude_keys")
+        chosen = [k for k, v in keys.items() if selects(k, v.shape, None, exclude_keys)]
+        if not chosen:
+            two_d = [k for k, v in keys.items() if len(v.shape) == 2]
+            raise ValueError(f"cart: the default selection (2-D keys not matching exclude_keys={list(exclude_keys)}) "
+                             f"is empty; 2-D keys: {two_d[:10]}{' ...' if len(two_d) > 10 else ''}")
+        return chosen
+    eligible = [k for k, v in keys.items() if len(v.shape) >= 2]
+    hint = f"keys with >= 2 dims: {eligible[:10]}{' ...' if len(eligible) > 10 else ''}"
+    if not callable(low_rank_keys) and not (isinstance(low_rank_keys, str) and low_rank_keys in PRESETS):
         patterns = [low_rank_keys] if isinstance(low_rank_keys, str) else list(low_rank_keys)
         if not patterns:
             raise ValueError("cart: low_rank_keys is an empty list; pass None for the default selection")
-        compiled = [_compile(p, "low_rank_keys") for p in patterns]
-        for p, c in zip(patterns, compiled):
+        for p in patterns:
+            c = _compile(p, "low_rank_keys")
             if not any(c.search(k) for k in eligible):
                 raise ValueError(f"cart: low_rank_keys pattern {p!r} matches no key; {hint}")
-        chosen = [k for k in eligible if any(c.search(k) for c in compiled)]
+    chosen = [k for k, v in keys.items() if selects(k, v.shape, low_rank_keys, exclude_keys)]
     if not chosen:
         raise ValueError(f"cart: low_rank_keys={low_rank_keys!r} matches no key; {hint}")
     return chosen

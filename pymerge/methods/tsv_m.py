@@ -63,6 +63,13 @@ GRAM_MAX_ERROR = 1e-6
 
 
 # ------------------------------------------------------------------------------------ shared helpers
+def is_matrix_key(key: str, shape, exclude_keys: Sequence[str]) -> bool:
+    """Whether `key` (of `shape`) is merged as a matrix: 2-D and matching none of exclude_keys (re.search). The rule
+    matrix_keys applies to every key, without its whole-model checks; callers that see one key at a time
+    (pymerge/adapters/mergekit.py) use it directly."""
+    return len(shape) == 2 and not any(re.search(p, key) for p in exclude_keys)
+
+
 def matrix_keys(method: str, keys: Dict[str, KeyInfo], exclude_keys: Sequence[str]) -> List[str]:
     """Names of the 2-D keys merged as matrices: every 2-D key matching none of exclude_keys (regexes,
     re.search). Conv kernels and other >2-D keys are not matrices (as in the official code and FusionBench).
@@ -79,7 +86,7 @@ def matrix_keys(method: str, keys: Dict[str, KeyInfo], exclude_keys: Sequence[st
             if not any(c.search(k) for k in two_d):
                 raise ValueError(f"{method}: exclude_keys pattern {p!r} matches no 2-D key; 2-D keys: "
                                  f"{two_d[:10]}{' ...' if len(two_d) > 10 else ''}")
-    return [k for k in two_d if not any(c.search(k) for c in compiled)]
+    return [k for k in two_d if is_matrix_key(k, keys[k].shape, exclude_keys)]
 
 
 def prepare_matrix_keys(method: str):
