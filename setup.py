@@ -56,14 +56,22 @@ setup(
     description="Fast model merging: CART, DivMerge and their relatives over fused CPU/CUDA/Triton kernels",
     python_requires=">=3.10",
     packages=["pymerge", "pymerge.cli", "pymerge.ops", "pymerge.methods", "pymerge.learn", "pymerge.teachers",
-              "pymerge.peers", "pymerge.eval", "pymerge.io", "pymerge.kernels"],
+              "pymerge.peers", "pymerge.eval", "pymerge.io", "pymerge.adapters", "pymerge.kernels"],
     package_dir={"pymerge": "pymerge", "pymerge.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     # The ranges the test suite has passed with (README, "Tested with"); requirements-dev.txt pins the rest.
     install_requires=["torch>=2.13.0,<2.14", "numpy>=2.4.6,<2.5", "safetensors>=0.8.0,<0.9", "tqdm>=4.70.1,<4.71",
                       "pyyaml>=6.0.4,<6.1"],
+    # The adapters' data files: FusionBench's Hydra configs of pymerge's algorithms (method=pymerge/<name>).
+    package_data={"pymerge.adapters": ["fusionbench_config/method/pymerge/*.yaml"]},
     extras_require={"triton": ["triton>=3.9.0,<3.10"], "hf": ["transformers>=5.25.0,<5.26"],
-                    "eval": ["transformers>=5.25.0,<5.26", "matplotlib>=3.11.2,<3.12"]},
-    entry_points={"console_scripts": ["pymerge=pymerge.cli:main"]},
+                    "eval": ["transformers>=5.25.0,<5.26", "matplotlib>=3.11.2,<3.12", "gguf>=0.19.0,<0.20"],
+                    # pymerge inside the peers' tools (pymerge/adapters, pymerge.functional)
+                    "mergekit": ["mergekit==0.1.5"], "fusionbench": ["fusion-bench==0.2.33"],
+                    "peft": ["peft>=0.21.2,<0.22", "transformers>=5.25.0,<5.26"]},
+    # pymerge-mergekit-yaml: mergekit-yaml with pymerge's methods registered (mergekit 0.1.5 has no plugin
+    # discovery: its method registry is a dict filled at import).
+    entry_points={"console_scripts": ["pymerge=pymerge.cli:main",
+                                      "pymerge-mergekit-yaml=pymerge.adapters.mergekit:main"]},
 )

@@ -21,6 +21,7 @@ LAYERS = (
     ("learn", ("pymerge.learn",)),
     ("teachers", ("pymerge.teachers",)),
     ("methods", ("pymerge.methods", "pymerge.merge")),
+    ("adapters", ("pymerge.adapters", "pymerge.functional")),          # peers' tools calling pymerge
     ("peers, synthetic models", ("pymerge.peers", "pymerge.synthetic")),   # tests', benchmarks', demo's support
     ("eval", ("pymerge.eval",)),                                       # real tasks, cached experts
     ("entry points", ("pymerge", "pymerge.__main__", "pymerge.cli", "pymerge.cli.__main__", "pymerge.cli.common",
