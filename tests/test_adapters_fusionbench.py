@@ -1,4 +1,5 @@
-"""pymerge's methods inside FusionBench 0.2.33 (pymerge/adapters/fusionbench.py and its Hydra configs).
+"""pymerge's methods inside FusionBench 0.2.33 (pymerge/adapters/fusionbench.py, fusionbench_learned.py and their
+Hydra configs).
 
 Oracles: pymerge.merge / pymerge.divmerge / pymerge.adamerging on the same state dicts and data (the adapters
 must add nothing but the pool bookkeeping: bitwise equal), and FusionBench's own TaskSingularVectorMerging /
@@ -7,6 +8,7 @@ names and per-task alphas included). `make test` installs FusionBench: a missing
 """
 import contextlib
 import copy
+import importlib
 import io
 import os
 import re
@@ -17,6 +19,7 @@ from torch import nn
 
 import pymerge
 from pymerge.adapters import fusionbench as fb
+from pymerge.adapters import fusionbench_learned as fbl
 from test_divmerge import TokenNet, finetunes, one_thread, teacher_cache_dir  # noqa: F401 (autouse fixtures)
 
 from fusion_bench.modelpool import BaseModelPool  # noqa: E402 (after pymerge: the adapter's import is under test)
@@ -176,10 +179,10 @@ def test_exclude_keys_name_the_model_lacks_warns_and_is_ignored():
     (lambda: fb.TSVMAlgorithm(exclude_keys=["a"], pymerge_options={"exclude_keys": ["b"]}), "exclude_keys"),
     (lambda: fb.IsoCAlgorithm(pymerge_options={"bogus": 1}), "unknown parameter"),
     (lambda: fb.TIESAlgorithm(remove_keys="4.weight"), "remove_keys"),
-    (lambda: fb.DivMergeAlgorithm(data_split="validation"), "data_split = 'validation'"),
-    (lambda: fb.DivMergeAlgorithm(divergence="l2"), "divergence = 'l2'"),
-    (lambda: fb.DivMergeAlgorithm(examples_per_task=0), "examples_per_task = 0"),
-    (lambda: fb.AdaMergingCARTAlgorithm(pymerge_options={"init_from": "ties"}), "start='cart'"),
+    (lambda: fbl.DivMergeAlgorithm(data_split="validation"), "data_split = 'validation'"),
+    (lambda: fbl.DivMergeAlgorithm(divergence="l2"), "divergence = 'l2'"),
+    (lambda: fbl.DivMergeAlgorithm(examples_per_task=0), "examples_per_task = 0"),
+    (lambda: fbl.AdaMergingCARTAlgorithm(pymerge_options={"init_from": "ties"}), "start='cart'"),
 ])
 def test_bad_config_fails_when_the_algorithm_is_built(build, match):
     with pytest.raises(ValueError, match=match):
@@ -221,8 +224,8 @@ def test_divmerge_algorithm_equals_pymerge_divmerge(shuffle):
     base, models = token_family()
     ids = token_ids()
     pool = pool_of(base, models, train_datasets=tensor_datasets(ids))
-    alg = fb.DivMergeAlgorithm(examples_per_task=6, shuffle_examples=shuffle, max_steps=3, granularity="task", seed=7,
-                               lr=0.05, divergence="kl", task_specific_keys=r"^head\.", pymerge_options=QUIET)
+    alg = fbl.DivMergeAlgorithm(examples_per_task=6, shuffle_examples=shuffle, max_steps=3, granularity="task", seed=7,
+                                lr=0.05, divergence="kl", task_specific_keys=r"^head\.", pymerge_options=QUIET)
     with set_print_function_call(False):
         out = alg.run(pool)
     # the documented selection: the first 6 items, or a torch.randperm(len, seed) subset of 6
@@ -248,9 +251,9 @@ def test_divmerge_reads_dict_items_without_labels_or_metadata(tmp_path):
                             "label": [0] * 8, "idx": list(range(8))}} for n in NAMES}
     pool = pool_of(base, models, val_datasets=rows)
     path = tmp_path / "gamma.json"
-    alg = fb.DivMergeAlgorithm(data_split="val", examples_per_task=5, shuffle_examples=False, max_steps=2,
-                               task_specific_keys=r"^head\.", merging_weights_save_path=str(path),
-                               pymerge_options=QUIET)
+    alg = fbl.DivMergeAlgorithm(data_split="val", examples_per_task=5, shuffle_examples=False, max_steps=2,
+                                task_specific_keys=r"^head\.", merging_weights_save_path=str(path),
+                                pymerge_options=QUIET)
     with set_print_function_call(False):
         alg.run(pool)
     data = {n: [{"input_ids": ids[n][:5], "attention_mask": torch.ones(5, 4, dtype=torch.long)}] for n in NAMES}
@@ -278,8 +281,8 @@ def test_divmerge_on_a_tiny_bert_pool_of_tokenized_rows():
                 "mapping": {"input_ids": ids[n].tolist(), "attention_mask": [[1] * 5] * 6,
                             "token_type_ids": [[0] * 5] * 6, "label": [1] * 6, "idx": list(range(6)),
                             "sentence": ["some text"] * 6}} for n in NAMES[:2]}
-    alg = fb.DivMergeAlgorithm(examples_per_task=4, shuffle_examples=False, granularity="task", max_steps=2,
-                               pymerge_options=QUIET)
+    alg = fbl.DivMergeAlgorithm(examples_per_task=4, shuffle_examples=False, granularity="task", max_steps=2,
+                                pymerge_options=QUIET)
     with set_print_function_call(False):
         out = alg.run(pool_of(base, models, train_datasets=rows))
     data = {n: [{"input_ids": ids[n][:4], "attention_mask": torch.ones(4, 5, dtype=torch.long),
@@ -295,8 +298,8 @@ def test_adamerging_cart_algorithm_equals_pymerge_adamerging_from_cart():
     base, models = token_family(labels=(3,))                          # one head width: a single merged model
     ids = token_ids()
     pool = pool_of(base, models, test_datasets=tensor_datasets(ids))
-    alg = fb.AdaMergingCARTAlgorithm(data_split="test", examples_per_task=8, shuffle_examples=False, max_steps=3,
-                                     granularity="layer", seed=1, pymerge_options={"progress": False})
+    alg = fbl.AdaMergingCARTAlgorithm(data_split="test", examples_per_task=8, shuffle_examples=False, max_steps=3,
+                                      granularity="layer", seed=1, pymerge_options={"progress": False})
     with set_print_function_call(False):
         out = alg.run(pool)
     ref = pymerge.adamerging(base, dict(zip(NAMES, models)), {n: [ids[n][:8]] for n in NAMES}, start="cart",
@@ -311,7 +314,7 @@ def test_learned_algorithm_names_the_missing_dataset():
     base, models = token_family()
     pool = pool_of(base, models, train_datasets=tensor_datasets(token_ids()))
     with pytest.raises(ValueError, match=r"no val dataset named 't0'.*val datasets: \[\]"):
-        fb.DivMergeAlgorithm(data_split="val", pymerge_options=QUIET).run(pool)
+        fbl.DivMergeAlgorithm(data_split="val", pymerge_options=QUIET).run(pool)
 
 
 @pytest.mark.parametrize("item,keys,want", [
@@ -322,7 +325,7 @@ def test_learned_algorithm_names_the_missing_dataset():
     ("plain text", None, "plain text"),
 ])
 def test_dataset_items_become_unlabelled_inputs(item, keys, want):
-    got = fb._DatasetInputs("X", "t0", keys, fb.LABEL_KEYS, None)(item, 0)
+    got = fbl._DatasetInputs("X", "t0", keys, fbl.LABEL_KEYS, None)(item, 0)
     if isinstance(want, dict):
         assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
     elif isinstance(want, torch.Tensor):
@@ -333,7 +336,7 @@ def test_dataset_items_become_unlabelled_inputs(item, keys, want):
 
 def test_dataset_item_that_is_no_tensor_is_refused():
     with pytest.raises(ValueError, match=r"task 't0', dataset item 4, key 'image', holds a object"):
-        fb._DatasetInputs("X", "t0", ["image"], fb.LABEL_KEYS, None)({"image": object()}, 4)
+        fbl._DatasetInputs("X", "t0", ["image"], fbl.LABEL_KEYS, None)({"image": object()}, 4)
 
 
 # --------------------------------------------------------------------------------------- Hydra configs
@@ -349,8 +352,11 @@ def test_config_instantiates_with_the_classes_defaults_and_runs(name):
     import hydra.utils
     from omegaconf import OmegaConf
     cfg = OmegaConf.load(os.path.join(METHOD_DIR, f"{name}.yaml"))
-    cls = getattr(fb, cfg._target_.rpartition(".")[2])
-    assert cfg._target_ == f"pymerge.adapters.fusionbench.{cls.__name__}"
+    module, _, cls_name = cfg._target_.rpartition(".")
+    learned = cls_name in ("DivMergeAlgorithm", "AdaMergingCARTAlgorithm")
+    assert module == ("pymerge.adapters.fusionbench_learned" if learned else "pymerge.adapters.fusionbench")
+    cls = getattr(importlib.import_module(module), cls_name)
+    assert cls.__module__ == module                 # defined there, not a re-export
     with set_print_function_call(False):
         alg = fusionbench_instantiate(cfg, _recursive_=cfg.get("_recursive_", False))   # as FusionBench's program
     assert type(alg) is cls and type(hydra.utils.instantiate(cfg)) is cls
@@ -358,7 +364,6 @@ def test_config_instantiates_with_the_classes_defaults_and_runs(name):
     defaults = OmegaConf.to_container(cls().config)
     fields = {k: v for k, v in defaults.items() if k not in ("_target_", "_recursive_", "_usage_", "_version_")}
     assert {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "_target_"} == fields
-    learned = cls.__name__ in ("DivMergeAlgorithm", "AdaMergingCARTAlgorithm")
     if not learned:
         base, models = family()
         assert_same(sd(alg.run(pool_of(base, models))), sd(cls().run(pool_of(base, models))))

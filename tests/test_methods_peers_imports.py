@@ -1,8 +1,8 @@
 """pymerge/peers/, pymerge/synthetic.py and the adapters that call pymerge from a peer's side (pymerge.functional,
 pymerge/adapters/mergekit.py and lora.py) import their peer packages (and the MiniLM weights package) only inside
 the functions that call them: `import pymerge` and importing these modules need none of them, so a benchmark can
-ask installed() and skip a missing peer (pymerge/adapters/fusionbench.py subclasses FusionBench's classes, so it
-imports FusionBench at import: only `import pymerge` is checked for it). Checked in a fresh interpreter, whose sys.modules nothing else has filled.
+ask installed() and skip a missing peer (pymerge/adapters/fusionbench.py and fusionbench_learned.py subclass
+FusionBench's classes, so they import FusionBench at import: only `import pymerge` is checked for them). Checked in a fresh interpreter, whose sys.modules nothing else has filled.
 """
 import subprocess
 import sys
