@@ -17,9 +17,8 @@ from torch import nn
 
 import pymerge
 from pymerge.learn import MergedModel
-from pymerge.methods import get, key_seed
+from pymerge.methods import get
 from pymerge.methods.learned_starts import learned_start
-from pymerge.ops import randomized_svd
 
 from backend_lists import method_backends
 
@@ -124,11 +123,14 @@ class Layers(nn.Module):
         self.layers = nn.ModuleDict({name: nn.Linear(64, 48) for name in names})
 
 
-def test_learned_cart_start_seeds_each_key_by_name():
-    """start="cart", cart_svd="randomized": delta_t of a selected key is the rank-k part of theta_t - theta_avg
-    from pymerge.ops.randomized_svd seeded by key_seed(0, key), not one seed shared by every key. The keys have
-    a flat spectrum and k + 10 = 13 of 48 columns, so another test matrix moves delta_t by far more than the
-    float64 rounding allowed here."""
+def test_learned_cart_start_seeds_each_key_by_name(monkeypatch):
+    """start="cart", cart_svd="randomized": delta_t of a selected key is static CART's rank-k part of
+    theta_t - theta_avg (cart.centered_factors: here the seeded subspace iteration, forced on these small keys,
+    which would otherwise take the exact Gram route), seeded by key_seed(0, key), not one seed shared by every
+    key. The keys have a flat spectrum and k + 10 = 13 of 48 columns, so another test matrix moves delta_t by far
+    more than the float64 rounding allowed here."""
+    from pymerge.methods import cart, cart_factors
+    monkeypatch.setattr(cart_factors, "GRAM_EIGH", 1e12)
     torch.manual_seed(0)
     base = Layers("abc").double()
     models = []
@@ -144,8 +146,12 @@ def test_learned_cart_start_seeds_each_key_by_name():
         key = f"layers.{name}.weight"
         thetas = torch.stack([dict(m.named_parameters())[key].detach() for m in models])
         cent = thetas - thetas.mean(0)
-        U, S, V = randomized_svd(cent, 3, seed=key_seed(0, key), backend="reference")
+        avg = thetas.mean(0) - dict(base.named_parameters())[key].detach()
+        U, S, V = cart.centered_factors(key, cent, avg, 3)
         want = (U * S.unsqueeze(-2)) @ V.mT
+        U, S, V = cart.centered_factors("another key", cent, avg, 3)
+        other = (U * S.unsqueeze(-2)) @ V.mT
         for t in range(T):
             got = merged.delta_of(key, t)
             assert float((got - want[t]).norm() / want[t].norm()) <= 1e-10, (key, t)
+            assert float((got - other[t]).norm() / want[t].norm()) > 1e-6, (key, t)

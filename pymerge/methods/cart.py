@@ -238,6 +238,7 @@ def _merge_low_rank_keys(keys, bases, models, p, acc):
             def exact(k=None):
                 cent = center_task_vectors(thetas2, out_dtype=acc, backend=p["backend"])[1]
                 return exact_factors(cent, k, p["energy"])
+            gram = None
         else:
             avg = torch.empty(m, n, dtype=acc, device=bases[0].device)
             A = torch.empty(T, m, n, dtype=acc, device=bases[0].device)
@@ -250,41 +251,77 @@ def _merge_low_rank_keys(keys, bases, models, p, acc):
                 return exact_factors(A, k, p["energy"])
 
             def gram(k):
-                if A.dtype == torch.float32 and tol < GRAM_FP64_BELOW:
-                    return tuple(f.to(acc) for f in gram_factors(A.double(), k))
-                return gram_factors(A, k)
+                return _gram_route(A, k, tol)
 
-        def merge(U, S, V):
-            return low_rank_sum(U.contiguous(), S.contiguous(), V.contiguous(), scale=p["lam"], base=avg,
-                                backend=p["backend"])
-
-        if p["svd"] == "exact":
-            merged = merge(*exact_factors(A, k, p["energy"]))
-        elif tol is None:
-            merged = merge(*randomized_factors(A, total_sq, m, n, k, p["energy"], p["oversample"],
-                                                p["power_iters"], key_seed(p["seed"], name), p["backend"], exact))
-        else:
-            l = min(k + adaptive_oversampling(p["oversample"], k), m, n)
-            # Materialised keys: exact factors from the Gram matrix where the model says they are cheaper than
-            # the iteration to tol, and as the iteration's fallback once it would cost more than them.
-            # Keys behind the implicit operator (large ones) iterate and fall back to the exact SVD as before.
-            budget = float("inf") if implicit else factors.gram_passes(m, n, k, l)
-            if l >= min(m, n) or budget <= factors.expected_passes(tol):
-                merged, info = merge(*(exact(k) if implicit else gram(k))), {"steps": 0, "estimate": 0.0,
-                                                                              "exact": True}
-            else:
-                seed = key_seed(p["seed"], name)
-                iteration = OpIteration(A, l, seed, p["backend"]) if implicit else DenseIteration(A, l, seed)
-                theta0 = base.reshape(m, n).to(acc)
-                merged, info = adaptive_factors(iteration, k, p["lam"], merge, theta0,
-                                                 lambda: exact(k) if implicit else gram(k), tol, max_passes=budget)
-            route = " (exact SVD)" if implicit else " (exact: Gram eigh)"
-            logger.debug("cart %s %s: k %d, l %d, %d steps, estimate %.2e%s", name, (m, n), k, l, info["steps"],
-                         info["estimate"], route if info["exact"] else "")
+        theta0 = base.reshape(m, n).to(acc)
+        _, merged, _ = _factor_key(name, A, avg, theta0, k, p, tol, implicit, total_sq, exact, gram)
         del A
         out[name] = merged.reshape(shape)
         del avg
     return out
+
+
+def _gram_route(A, k, tol):
+    """gram_factors of a materialised batch, in float64 where tol is below the fp32 route's rounding."""
+    if A.dtype == torch.float32 and tol is not None and tol < GRAM_FP64_BELOW:
+        return tuple(f.to(A.dtype) for f in gram_factors(A.double(), k))
+    return gram_factors(A, k)
+
+
+def _factor_key(name, A, avg, theta0, k, p, tol, implicit, total_sq, exact, gram):
+    """One key's rank-k factors by the route its options and size select, and its merged weights
+    avg + lam sum_t U_t S_t V_t^T: ((U, S, V), merged [m, n], info). A: the centered batch [T, m, n] (a tensor, or
+    a Centered when implicit); exact(k) / gram(k): that key's exact factors by SVD / Gram route; total_sq():
+    ||A_t||_F^2 (energy mode)."""
+    m, n = avg.shape
+
+    def merge(U, S, V):
+        return low_rank_sum(U.contiguous(), S.contiguous(), V.contiguous(), scale=p["lam"], base=avg,
+                            backend=p["backend"])
+
+    if p["svd"] == "exact":
+        f = exact_factors(A, k, p["energy"])
+        return f, merge(*f), {"steps": 0, "estimate": 0.0, "exact": True}
+    if tol is None:
+        f = randomized_factors(A, total_sq, m, n, k, p["energy"], p["oversample"], p["power_iters"],
+                               key_seed(p["seed"], name), p["backend"], exact)
+        return f, merge(*f), {"steps": 0, "estimate": None, "exact": False}
+    l = min(k + adaptive_oversampling(p["oversample"], k), m, n)
+    # Materialised keys: exact factors from the Gram matrix where the model says they are cheaper than the
+    # iteration to tol, and as the iteration's fallback once it would cost more than them. Keys behind the
+    # implicit operator (large ones) iterate and fall back to the exact SVD.
+    budget = float("inf") if implicit else factors.gram_passes(m, n, k, l)
+    if l >= min(m, n) or budget <= factors.expected_passes(tol):
+        f = exact(k) if implicit else gram(k)
+        result = f, merge(*f), {"steps": 0, "estimate": 0.0, "exact": True}
+    else:
+        seed = key_seed(p["seed"], name)
+        iteration = OpIteration(A, l, seed, p["backend"]) if implicit else DenseIteration(A, l, seed)
+        result = adaptive_factors(iteration, k, p["lam"], merge, theta0, lambda: exact(k) if implicit else gram(k),
+                                  tol, max_passes=budget)
+    info = result[2]
+    route = " (exact SVD)" if implicit else " (exact: Gram eigh)"
+    logger.debug("cart %s %s: k %d, l %d, %d steps, estimate %.2e%s", name, (m, n), k, l, info["steps"],
+                 info["estimate"], route if info["exact"] else "")
+    return result
+
+
+def centered_factors(name, A, avg, k, *, lam=2.0, svd="randomized", tol=None, oversample=DEFAULT_OVERSAMPLE,
+                     power_iters=None, seed=0, backend="auto"):
+    """CART's rank-k factors (U [T, m, k], S [T, k], V [T, n, k]) of one key's materialised centered matrices
+    A [T, m, n] (fp32 / fp64), avg [m, n] their theta_avg relative to theta_0 (the merged task vector's mean
+    part), by the route pymerge.merge("cart", ...) takes for a key of that size with these options: the exact SVD,
+    a fixed number of power iterations, or the fidelity control (tol, default DEFAULT_TOL; the Gram route or the
+    seeded subspace iteration), seeded by key_seed(seed, name). The learned methods' start="cart" uses it, so it
+    starts where static CART with the same options ends (up to the rounding of centering task vectors instead
+    of weights)."""
+    p = dict(energy=None, lam=lam, svd=svd, oversample=oversample, power_iters=power_iters, seed=seed,
+             backend=backend)
+    tol_used = fidelity_tol(svd, None, tol, power_iters)
+    theta0 = torch.zeros_like(avg)
+    f, _, _ = _factor_key(name, A, avg, theta0, k, p, tol_used, False, lambda: A.square().sum((-2, -1)),
+                          lambda k=None: exact_factors(A, k), lambda k: _gram_route(A, k, tol_used))
+    return f
 
 
 def _centered_keeps_avg() -> bool:

@@ -218,7 +218,7 @@ class DenseIteration:
 def adaptive_factors(iteration, k, lam, merge, theta0, exact_fallback, tol, max_passes=float("inf")):
     """The merged weights [m, n] of one key, from rank-k factors of its T centered matrices, within `tol` of exact
     CART's merged weights relative to the merged task vector, by an a-posteriori estimate (docs/METHODS.md
-    §CART, "Fidelity"). Returns (merged, info).
+    §CART, "Fidelity"). Returns ((U, S, V) truncated to k, merged, info).
 
     iteration: an OpIteration or DenseIteration (subspace iteration with Rayleigh-Ritz on l columns, 2
     passes over A per step). After each step the merged weights M_j = theta_avg + lam sum_t U_t S_t V_t^T are
@@ -255,6 +255,7 @@ def adaptive_factors(iteration, k, lam, merge, theta0, exact_fallback, tol, max_
         d = float((merged - theta0).norm())
         if est * (1 + tol) <= tol * d:
             info["estimate"] = est / d if d > 0 else 0.0
-            return merged, info
+            return (U[..., :k], S[..., :k], V[..., :k]), merged, info
     info.update(exact=True, estimate=0.0)
-    return merge(*exact_fallback()), info
+    final = exact_fallback()
+    return final, merge(*final), info

@@ -7,8 +7,11 @@ turns the learned methods' start options into a pymerge.learn.start_points.Start
     theta_t - theta_avg on CART's low-rank keys, the full centered vector elsewhere, and Gamma starting at
     static CART's lam (2.0): the optimisation starts at pymerge.merge("cart", ...) with CART's defaults. The
     key selection (cart.select_low_rank_keys), the rank (cart.ratio_rank) and the factorisation
-    (cart.low_rank_factors: randomized SVD, oversample max(10, k // 2), 2 power iterations, seeded per key by
-    key_seed(0, key)) are static CART's own, so start="cart" and init_from="cart" start at the same point;
+    (cart.centered_factors: the route static CART takes for a materialised key with its default options, i.e.
+    the fidelity control tol = cart.DEFAULT_TOL, Gram route or seeded subspace iteration; or the exact SVD) are
+    static CART's own, so start="cart" and init_from="cart" start at the same point (up to rounding: the stacks
+    center task vectors, static CART weights; and a key too large to materialise, which static CART iterates
+    through its implicit operator, is factored here by the same tol from its materialised stack);
   - init_from=<static method name>: theta_s = pymerge.merge(name, theta_0, [theta_t], **init_from_params),
     delta_t = tau_t, Gamma from 0; a merged state dict or a callable goes to StaticMergeStart as it is.
 """
@@ -23,16 +26,13 @@ from ..merge import merge
 from . import cart
 from .learned_params import CART_DEFAULTS, START_PARAMS
 from .params import check_value
-from .spec import key_seed
 
 # the learned methods' options that make their start point (with backend, which their objective also reads)
 START_OPTIONS = tuple(p.name for p in START_PARAMS)
 # docs/METHODS.md §Adaptive CART: static CART's defaults (pymerge.methods.cart), so that start="cart" and
-# init_from="cart" factor every key alike: its lam (Gamma's start), oversampling and power iterations.
+# init_from="cart" factor every key alike: its lam (Gamma's start) and SVD route.
 CART_LAM = CART_DEFAULTS["lam"]
 CART_SVD = CART_DEFAULTS["svd"]
-CART_START_OVERSAMPLE = cart.DEFAULT_OVERSAMPLE
-CART_START_POWER_ITERS = cart.DEFAULT_POWER_ITERS
 
 
 class CartStart(StartPoint):
@@ -40,8 +40,8 @@ class CartStart(StartPoint):
     full centered vector (others), k = cart.ratio_rank(rank_ratio, m, n); Gamma starts at lam (static CART's
     2.0): Phi = theta_avg + lam sum_t SVD_k(tau_bar_t) is static CART. keys: CART's low_rank_keys (a regex
     among the >= 2-D merged keys); None: cart.select_low_rank_keys's default (2-D keys matching none of
-    cart.DEFAULT_EXCLUDE_KEYS). svd: cart.low_rank_factors's "randomized" (static CART's oversampling and power
-    iterations, each key seeded by key_seed(0, key), as pymerge.merge("cart", ...) with seed 0) or "exact"."""
+    cart.DEFAULT_EXCLUDE_KEYS). svd: "randomized" (static CART's default route and fidelity, each key seeded by
+    key_seed(0, key), as pymerge.merge("cart", ...) with seed 0; cart.centered_factors) or "exact"."""
     name = "cart"
 
     def __init__(self, rank_ratio=cart.DEFAULT_RANK_RATIO, keys=None, svd=CART_SVD, backend="auto",
@@ -69,17 +69,17 @@ class CartStart(StartPoint):
                 mean = g.delta.mean(dim=1, keepdim=True)                       # [K, 1, S]
                 g.start = g.start + mean                                       # new tensor: base is not written
                 g.delta.sub_(mean)
-                del mean
                 for i, (k, shape) in enumerate(zip(g.keys, g.shapes)):
                     if k not in selected:
                         continue
                     m, n = cart.matrix_shape(shape)
                     A = g.delta[i].view(-1, m, n)
-                    U, S, V = cart.low_rank_factors(A, cart.ratio_rank(self.rank_ratio, m, n), svd=self.svd,
-                                                    oversample=CART_START_OVERSAMPLE,
-                                                    power_iters=CART_START_POWER_ITERS, seed=key_seed(0, k),
+                    # mean[i]: theta_avg - theta_0, what static CART's fidelity is measured against
+                    U, S, V = cart.centered_factors(k, A, mean[i].view(m, n), cart.ratio_rank(self.rank_ratio, m, n),
+                                                    lam=self.initial_gamma, svd=self.svd, seed=0,
                                                     backend=self.backend)
                     A.copy_((U * S.unsqueeze(-2)) @ V.mT)
+                del mean
 
 
 def learned_start(start="pretrained", *, cart_rank_ratio=None, cart_keys=None, cart_svd=CART_SVD, init_from=None,
