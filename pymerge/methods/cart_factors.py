@@ -7,7 +7,8 @@ the rank-k factors U [.., m, k], S [.., k], V [.., n, k] of one key's T centered
   adaptive_factors    the fidelity control tol: subspace iteration (DenseIteration on a materialised batch,
                       OpIteration through the implicit Centered operator) stopped by an a-posteriori estimate,
                       within a cost budget (gram_passes / expected_passes: when to take the Gram route instead)
-and low_rank_factors, the entry point the learned methods' start="cart" shares with the static merge.
+and low_rank_factors, the fixed-route entry point (svd="exact" or a fixed number of power iterations) for callers
+that want one factorisation call (static CART's default route is chosen per key in cart.py, _factor_key).
 """
 import math
 
