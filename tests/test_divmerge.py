@@ -465,8 +465,32 @@ def test_mismatched_architectures_and_heads():
         nan.body[0].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         _bad(models=[models[0], nan])
+    inf = copy.deepcopy(models[1])
+    with torch.no_grad():
+        inf.body[2].bias[1] = -float("inf")
+    with pytest.raises(ValueError, match="'body.2.bias' of model 'task1' contains NaN or Inf"):
+        _bad(models=[models[0], inf])
     with pytest.raises(ValueError, match="must be an nn.Module"):
         _bad(models=[models[0], "x"])
+
+
+def test_finite_weights_whose_sum_overflows_are_accepted():
+    """The NaN / Inf check sums each tensor first: a sum that overflows (finite elements) falls back to the
+    element-wise check and is accepted; the merged weights are still theta_0 + sum_t Gamma_t tau_t."""
+    torch.manual_seed(0)
+    base = TokenNet().float()
+    models = finetunes(base, 2, dtype=torch.float32)
+    with torch.no_grad():
+        for m in (base, *models):
+            m.body[0].weight.fill_(2e38)          # 36 elements of 2e38: the float32 sum is +inf
+        models[1].body[0].weight[0, :3] = 1e38
+    assert not torch.isfinite(models[1].body[0].weight.sum())
+    merged = learn.MergedModel.build(base, models, task_specific_keys=r"^head\.")
+    key = "body.0.weight"
+    gam = merged.gamma.detach().double()[merged.groups.index(merged.group_of[key])]
+    theta0 = base.state_dict()[key].double()
+    want = theta0 + sum(gam[t] * (m.state_dict()[key].double() - theta0) for t, m in enumerate(models))
+    torch.testing.assert_close(merged.merged_tensor(key).double(), want)
 
 
 def test_teacher_cache_on_disk(teacher_cache_dir, tmp_path):

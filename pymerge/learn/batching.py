@@ -1,7 +1,9 @@
 """Task examples and running a module on them: an iterable of batches split into per-example inputs
 (``collect_examples``), per-example inputs collated back into one batch (``collate``, right-padding where
-lengths differ; ``concat_batches`` joins batches of equal ``batch_signature``), a batch handed to a module (``call_model``, under ``evaluating``: eval mode and no_grad), its
-logits read (``logits_of``), and ``TaskExamples``: one task's inputs with their cached per-example targets.
+lengths differ; ``concat_batches`` joins batches of equal ``batch_signature``; ``trim_padding`` drops the
+trailing columns that are padding in every row), a batch handed to a module (``call_model``, under
+``evaluating``: eval mode and no_grad), its logits read (``logits_of``), and ``TaskExamples``: one task's
+inputs with their cached per-example targets.
 """
 import contextlib
 from dataclasses import dataclass
@@ -103,6 +105,43 @@ def collate(examples, pad_value=0, device=None):
         cols = [one([e[i] for e in examples], i) for i in range(len(first))]
         return tuple(cols) if isinstance(first, tuple) else cols
     raise ValueError(f"collate: unsupported example type {type(first).__name__}")
+
+
+def _mask_of(batch):
+    """The [B, L] attention_mask of a dict batch (None when it has none, or not of that shape)."""
+    if not isinstance(batch, Mapping):
+        return None
+    mask = batch.get("attention_mask")
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def real_length(example):
+    """The length an example's attention_mask says it has (1 + the last unmasked position; the whole mask
+    when every position is masked), or None for an example without a 1-D attention_mask."""
+    mask = example.get("attention_mask") if isinstance(example, Mapping) else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 1:
+        return None
+    nz = mask.nonzero()
+    return int(nz[-1, 0]) + 1 if nz.numel() else mask.shape[0]
+
+
+def trim_padding(batch):
+    """A collated dict batch without its trailing columns that are padding in every row (attention_mask 0
+    there): the tensors whose first two dims are the mask's [B, L] are cut to the longest row's last unmasked
+    position. Examples handed over as rows of a padded batch (a tokenizer's padding=True) keep their batch's
+    padding; a task's forward then costs its own longest example, not the longest of the batch it came from.
+    A model whose outputs at unmasked positions do not depend on masked ones (what collate's right-padding
+    already relies on) gives the same outputs. Other batches are returned as they are."""
+    mask = _mask_of(batch)
+    if mask is None or mask.shape[1] == 0:
+        return batch
+    cols = mask.ne(0).any(0).nonzero()
+    keep = int(cols[-1, 0]) + 1 if cols.numel() else mask.shape[1]
+    if keep == mask.shape[1]:
+        return batch
+    B, L = mask.shape
+    return {k: v[:, :keep] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == B and v.shape[1] == L
+            else v for k, v in batch.items()}
 
 
 def batch_signature(batch):

@@ -42,9 +42,10 @@ layer_groups=None, init=None, start=None, gather_embeddings=True, batch_tasks=Tr
     tuple, or the tensor itself.
 ``merged.forward_tasks(examples, shared, pad_value=0, extract=logits_of) -> [Tensor | None] * T``
     examples[t] (per-example inputs) collated per task (padded to that task's longest example, never to
-    another task's); with batch_tasks=True the tasks whose batches have equal shapes run as ONE forward of an
-    all-tasks skeleton whose head submodules dispatch each task's rows to its own head (heads of different
-    widths are zero-padded, then sliced back); one forward per task otherwise.
+    another task's; the trailing columns every row masks dropped: batching.trim_padding, so rows of a padded
+    batch cost their own length); with batch_tasks=True the tasks whose batches have equal shapes run as ONE
+    forward of an all-tasks skeleton whose head submodules dispatch each task's rows to its own head (heads of
+    different widths are zero-padded, then sliced back); one forward per task otherwise.
     extract(outputs) must return a tensor whose dim 0 is the batch (it is split by rows).
 ``merged.verify(examples_per_task) -> {"gathered": bool, "batched": bool}``: run once before optimising:
     compares the fast paths (gathered embeddings, all-tasks forward) with the plain per-task dense path on a
@@ -63,7 +64,7 @@ from torch import nn
 
 from ..dtypes import FLOAT_DTYPES
 from . import gathered_embeddings
-from .batching import batch_signature, collate, concat_batches, logits_of
+from .batching import batch_signature, collate, concat_batches, logits_of, trim_padding
 from .gathered_embeddings import GatheredTable
 from .inputs import align_base_keys, as_state_dict, compile_regex, format_keys, task_names_and_models
 from .skeletons import TaskDispatch, all_tasks_skeleton, functional_forward, skeleton
@@ -269,7 +270,9 @@ class MergedModel:
             for g in self.stacks:
                 for i, k in enumerate(g.keys):
                     theta = sd[k].detach().reshape(-1)
-                    if not torch.isfinite(theta).all():
+                    # a finite sum means every element is finite (NaN and Inf propagate through a sum); only a
+                    # sum that is not (an overflow, or a real NaN / Inf) needs the element-wise check
+                    if not torch.isfinite(theta.sum()) and not torch.isfinite(theta).all():
                         raise ValueError(f"{what}: key {k!r} of model {self.tasks[t]!r} contains NaN or Inf")
                     torch.sub(theta, g.start[i, 0], out=g.delta[i, t])
         seen, head = set(), OrderedDict()
@@ -309,7 +312,7 @@ class MergedModel:
         """Keys whose delta_t are all zero (frozen during fine-tuning) become constants: nothing to compute."""
         keep = []
         for g in self.stacks:
-            nz = g.delta.reshape(len(g.keys), -1).ne(0).any(dim=1).tolist()
+            nz = g.delta.reshape(len(g.keys), -1).any(dim=1).tolist()     # nonzero (NaN counts) anywhere
             if all(nz):
                 keep.append(g)
                 continue
@@ -381,7 +384,7 @@ class MergedModel:
             return a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol)
         with torch.no_grad():
             dense = self.shared_params(full=True)
-            batches = [collate(ex, pad_value, self.device) for ex in examples]
+            batches = [trim_padding(collate(ex, pad_value, self.device)) for ex in examples]
             ref = [logits_of(self.forward(t, b, dense)) for t, b in enumerate(batches)]
             if self._gathered:
                 shared = self.shared_params()
@@ -443,7 +446,7 @@ class MergedModel:
         for a task without examples)."""
         if shared is None:
             shared = self.shared_params()
-        batches = [collate(ex, pad_value, self.device) if ex else None for ex in examples]
+        batches = [trim_padding(collate(ex, pad_value, self.device)) if ex else None for ex in examples]
         if self.batched is None:
             return [extract(self.forward(t, b, shared)) if b is not None else None for t, b in enumerate(batches)]
         buckets = OrderedDict()     # tasks whose per-task batches have equal shapes share one forward

@@ -9,13 +9,18 @@ temperature [C] as the teacher (DivMerge's; ``classification_targets`` computes 
 import torch
 
 from ..dtypes import accumulation_dtype
-from ..learn.batching import call_model, collate, evaluating, module_device
+from ..learn.batching import call_model, collate, evaluating, module_device, real_length, trim_padding
 from ..learn.objective import Objective, TeacherOptions
 from .cache import CachedTargets, cached_targets
 
 
 def _size(example):
-    """The number of elements of an example's tensors: examples of similar size share a teacher batch."""
+    """The size of an example: examples of similar size share a teacher batch. Its real length where it has
+    an attention_mask (rows of a padded batch carry their batch's padding), else the number of elements of
+    its tensors."""
+    length = real_length(example)
+    if length is not None:
+        return length
     if isinstance(example, torch.Tensor):
         return example.numel()
     values = example.values() if isinstance(example, dict) else example if isinstance(example, (list, tuple)) \
@@ -25,13 +30,14 @@ def _size(example):
 
 def teacher_targets(module, examples, objective, t, *, batch_size=32, pad_value=0, device=None):
     """objective.teacher(t, outputs) of `module` on the examples, in chunks of examples of similar size (little
-    padding), computed once under no_grad and returned per example, in the examples' order (on `device`)."""
+    padding: by real length where they carry an attention_mask, and the columns every row of a chunk masks
+    dropped), computed once under no_grad and returned per example, in the examples' order (on `device`)."""
     order = sorted(range(len(examples)), key=lambda i: _size(examples[i]))
     out = [None] * len(examples)
     with evaluating(module):
         for i in range(0, len(order), batch_size):
             chunk = order[i:i + batch_size]
-            batch = collate([examples[j] for j in chunk], pad_value, device)
+            batch = trim_padding(collate([examples[j] for j in chunk], pad_value, device))
             target = objective.teacher(t, objective.extract(call_model(module, batch)))
             for j, row in zip(chunk, target.detach().to(device).unbind(0)):
                 out[j] = row
