@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import pymerge
 import pymerge.adapters.mergekit as pm
 from pymerge.peers import mergekit as mergekit_peer
+from test_divmerge import one_thread  # noqa: F401 (autouse: tiny tensors, 1 intra-op thread)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -30,13 +31,6 @@ LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_lay
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: intra-op threads only add contention (several test processes share the machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def fine_tune(base, seed, rank=2, scale=0.02, noise=1e-3):
