@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from pymerge.eval import entry_cache as ec
 from pymerge.eval import experts as ex
 from pymerge.eval import Backbone, FineTuneSettings, build_experts, classifier_state, evaluate, task_from_jsonl
 from test_divmerge import one_thread, teacher_cache_dir  # noqa: F401 (autouse: 1 thread, a per-test cache)
@@ -174,14 +175,14 @@ def _flip_a_weight_byte(path):
 
 
 def _retitle_request(path):
-    manifest = json.loads((path / ex.MANIFEST_FILE).read_text())
+    manifest = json.loads((path / ec.MANIFEST_FILE).read_text())
     manifest["request"]["settings"]["epochs"] = 7
-    (path / ex.MANIFEST_FILE).write_text(json.dumps(manifest))
+    (path / ec.MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
 CORRUPTIONS = {
-    "manifest not JSON": lambda p: (p / ex.MANIFEST_FILE).write_text('{"request": '),
-    "manifest missing": lambda p: (p / ex.MANIFEST_FILE).unlink(),
+    "manifest not JSON": lambda p: (p / ec.MANIFEST_FILE).write_text('{"request": '),
+    "manifest missing": lambda p: (p / ec.MANIFEST_FILE).unlink(),
     "manifest of another request": _retitle_request,
     "weights missing": lambda p: (p / ex.WEIGHTS_FILE).unlink(),
     "weights truncated": lambda p: (p / ex.WEIGHTS_FILE).write_bytes((p / ex.WEIGHTS_FILE).read_bytes()[:1000]),
@@ -243,7 +244,7 @@ def test_the_manifest_records_request_accuracies_floors_and_costs(task, backbone
         pretrained, task, "test", backbone=backbone, max_length=SETTINGS["max_length"])
     assert set(m["floor"]["linear_probe"]) == {"validation", "test"}
     assert m["wall_seconds"]["total"] >= m["wall_seconds"]["fine_tune"] > 0
-    assert m["weights_sha256"] == ex._file_sha256(expert.path / ex.WEIGHTS_FILE)
+    assert m["weights_sha256"] == ec.file_sha256(expert.path / ex.WEIGHTS_FILE)
 
 
 def test_linear_probe_separates_separable_features():

@@ -191,19 +191,28 @@ def cmd_eval(args):
                                         unlabelled_per_task=args.unlabelled, device=device)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
-    command = command_line(args, tasks, sizes)
+    _print_reports(args, tasks, sizes, result,
+                   f"test accuracy % per task at {max(sizes)} tasks (mean over subsets), ANP %, merge wall time",
+                   report.console_table(result), "ANP % by number of tasks", "anp", lambda x: f"{100 * x:.1f}")
+    return 0
+
+
+def _print_reports(args, names, sizes, result, heading, table, by_size, metric, fmt):
+    """Write the reports, then print the command, the table at the largest size, the metric by size and the
+    files written (both suites)."""
+    from ..eval import report
+    command = command_line(args, names, sizes)
     paths = report.write_reports(result, args.out, command=command)
     print(f"$ {command}\n")
-    print(f"test accuracy % per task at {max(sizes)} tasks (mean over subsets), ANP %, merge wall time")
-    print(report.console_table(result))
+    print(heading)
+    print(table)
     summary = result.summary()
-    print("\nANP % by number of tasks: " + "; ".join(
-        f"{v}: " + ", ".join(f"{s}: {100 * summary[v, s]['anp']:.1f}" for s in sizes if (v, s) in summary
-                             and not math.isnan(summary[v, s]['anp']))
+    print(f"\n{by_size}: " + "; ".join(
+        f"{v}: " + ", ".join(f"{s}: {fmt(summary[v, s][metric])}" for s in sizes if (v, s) in summary
+                             and not math.isnan(summary[v, s][metric]))
         for v in result.variants() if v != "expert"))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
-    return 0
 
 
 def _run_generative(args, domains, models, rows, sizes, device):
@@ -222,19 +231,10 @@ def _run_generative(args, domains, models, rows, sizes, device):
                                               unlabelled_per_domain=args.unlabelled, device=device)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
-    command = command_line(args, domains, sizes)
-    paths = report.write_reports(result, args.out, command=command)
-    print(f"$ {command}\n")
-    print(f"test perplexity per domain at {max(sizes)} domains (mean over subsets), RPS (expert ppl / merged ppl), "
-          f"gain kept, merge wall time")
-    print(report.lm_console_table(result))
-    summary = result.summary()
-    print("\nRPS by number of domains: " + "; ".join(
-        f"{v}: " + ", ".join(f"{s}: {summary[v, s]['rps']:.4f}" for s in sizes if (v, s) in summary
-                             and not math.isnan(summary[v, s]['rps']))
-        for v in result.variants() if v != "expert"))
-    for kind, path in paths.items():
-        print(f"{kind}: {path}")
+    _print_reports(args, domains, sizes, result,
+                   f"test perplexity per domain at {max(sizes)} domains (mean over subsets), RPS (expert ppl / "
+                   f"merged ppl), gain kept, merge wall time", report.lm_console_table(result),
+                   "RPS by number of domains", "rps", lambda x: f"{x:.4f}")
     return 0
 
 

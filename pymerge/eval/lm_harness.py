@@ -37,11 +37,11 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ..merge import merge as static_merge
 from ..methods import available, get as method_spec
-from .harness import DEFAULT_GRIDS, LEARNED, Variant, subsets, variants
+from .harness import DEFAULT_GRIDS, Variant, subsets, variants
 from .lm_data import Domain, encode, pad_id, token_nll
 from .lm_experts import LMBase, load_lm_state, safetensors_shapes, safetensors_state
+from .tuning import LEARNED, TunedRun, checked_sizes, grids_and_variants, mean
 
 logger = logging.getLogger("pymerge.eval")
 
@@ -140,11 +140,6 @@ class LMRow:
     note: str = ""
 
 
-def _mean(values):
-    values = [v for v in values if not math.isnan(v)]
-    return sum(values) / len(values) if values else float("nan")
-
-
 @dataclass
 class LMEvalResult:
     rows: list
@@ -165,9 +160,9 @@ class LMEvalResult:
             for s in self.sizes():
                 rows = [r for r in self.rows if r.variant == v and r.size == s]
                 if rows:
-                    out[v, s] = {"rps": _mean(r.rps for r in rows), "gain_kept": _mean(r.gain_kept for r in rows),
-                                 "gap_closed": _mean(r.gap_closed for r in rows),
-                                 "merge_seconds": _mean(r.merge_seconds for r in rows), "subsets": len(rows)}
+                    out[v, s] = {"rps": mean(r.rps for r in rows), "gain_kept": mean(r.gain_kept for r in rows),
+                                 "gap_closed": mean(r.gap_closed for r in rows),
+                                 "merge_seconds": mean(r.merge_seconds for r in rows), "subsets": len(rows)}
         return out
 
 
@@ -197,81 +192,25 @@ class _Perplexity:
         return math.exp(nll / n)
 
 
-def _grid_points(grid):
-    import itertools
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] or [{}]
-
-
-def _default(method, name):
-    return next(p.default for p in method_spec(method).params if p.name == name)
-
-
-class _SubsetRun:
-    """The variants of one subset: merged states, tuned parameters, rows."""
+class _SubsetRun(TunedRun):
+    """The variants of one subset of domains: every weight of the experts merged, scored by RPS."""
 
     def __init__(self, h, names):
-        self.h, self.names = h, names
-        self.states = {n: h.states[n] for n in names}
-        self.chosen = {}   # static method -> (params, validation RPS, tuning seconds)
+        super().__init__(h, names, h.base_state, {n: h.states[n] for n in names})
 
-    def rps(self, state, split):
-        return _mean(self.h.reference[n][split] / self.h.ppl(state, n, split) for n in self.names)
-
-    def merge_static(self, method, params):
-        start = time.perf_counter()
-        merged = static_merge(method, self.h.base_state, [self.states[n] for n in self.names], **params)
-        return merged, time.perf_counter() - start
-
-    def tune(self, method, fixed, grid):
-        start, best, points = time.perf_counter(), None, _grid_points(grid)
-        for point in points:
-            params = {**fixed, **point}
-            merged, seconds = self.merge_static(method, params)
-            score = self.rps(merged, "validation") if len(points) > 1 else float("nan")
-            if best is None or score > best[3]:
-                best = (params, merged, seconds, score)
-            del merged
-        params, merged, seconds, score = best
-        return params, merged, seconds, score, time.perf_counter() - start
-
-    def chosen_params(self, method):
-        if method not in self.chosen:
-            params, _, _, score, tuning = self.tune(method, {}, self.h.grids.get(method, {}))
-            self.chosen[method] = (params, score, tuning)
-        return self.chosen[method][0]
-
-    def static_row(self, v):
-        if v.tuned_as is not None:
-            params = {**self.chosen_params(v.tuned_as), **v.params}
-            merged, seconds = self.merge_static(v.method, params)
-            return params, merged, seconds, float("nan"), 0.0
-        params, merged, seconds, score, tuning = self.tune(v.method, v.params, v.grid)
-        if not v.params:
-            self.chosen.setdefault(v.method, (params, score, tuning))
-        return params, merged, seconds, score, tuning
+    def score(self, state, split):
+        return mean(self.h.reference[n][split] / self.h.ppl(state, n, split) for n in self.names)
 
     def learned_row(self, v):
         from ..methods.divmerge import divmerge
-        params = dict(v.params)
-        if v.start == "task_arithmetic":
-            params.update(init_from="task_arithmetic", init_from_params=self.chosen_params("task_arithmetic"))
-        elif v.start == "cart":
-            cart = self.chosen_params("cart")
-            params.update(start="cart", init=cart.get("lam", _default("cart", "lam")))
-            if cart.get("rank_ratio") is not None:
-                params["cart_rank_ratio"] = cart["rank_ratio"]
-        params.setdefault("seed", self.h.seed)
+        params = self.learned_params(v)
         h, base = self.h, self.h.suite.base
         loaders = {n: (lambda n=n: base.model(h.states[n]).to(h.device)) for n in self.names}
         data = {n: h.prompts(n) for n in self.names}
         start = time.perf_counter()
         result = divmerge(base.model().to(h.device), loaders, data, kind="causal-lm", progress=False,
                           examples_per_task=h.unlabelled, **params)
-        seconds = time.perf_counter() - start
-        merged = {k: result.state_dict.get(k, h.base_state[k]) for k in h.base_state}
-        params = {k: val for k, val in params.items() if isinstance(val, (int, float, str, bool, dict))}
-        return params, merged, seconds, float("nan"), 0.0
+        return self.learned_result(params, result, time.perf_counter() - start)
 
 
 class _Harness:
@@ -308,11 +247,7 @@ def run_lm_evaluation(suite: LMSuite, rows: Sequence[Variant], subset_sizes: Seq
     (None: all); unlabelled_per_domain, prompt_tokens: DivMerge's prompts; grids: {method: grid} (default
     harness.DEFAULT_GRIDS); on_row(row): called as each subset's rows finish. Reports: pymerge.eval.report."""
     names = list(suite.members)
-    sizes = sorted(set(int(s) for s in subset_sizes))
-    for s in sizes:
-        if not 1 <= s <= len(names):
-            raise ValueError(f"subset size {s}: must be between 1 and the number of domains ({len(names)}: "
-                             f"{', '.join(names)})")
+    sizes = checked_sizes(subset_sizes, names, "domains")
     unknown = [v.method for v in rows
                if v.method in LEARNED and "causal-lm" not in method_spec(v.method).model_kinds]
     if unknown:
@@ -340,7 +275,7 @@ def run_lm_evaluation(suite: LMSuite, rows: Sequence[Variant], subset_sizes: Seq
 
     def row(size, subset, variant, method, params, ppl, **kw):
         return LMRow(size, subset, variant, method, params, ppl,
-                     _mean(h.reference[n]["test"] / ppl[n] for n in subset), _mean(gain(ppl[n], n) for n in subset),
+                     mean(h.reference[n]["test"] / ppl[n] for n in subset), mean(gain(ppl[n], n) for n in subset),
                      **kw)
 
     out = []
@@ -352,8 +287,7 @@ def run_lm_evaluation(suite: LMSuite, rows: Sequence[Variant], subset_sizes: Seq
                            row(size, subset, "base", "base", {}, {n: h.reference[n]["base_test"] for n in subset},
                                note="the pretrained model")]
             for v in rows:
-                params, merged, seconds, score, tuning = (run.learned_row(v) if v.method in LEARNED
-                                                          else run.static_row(v))
+                params, merged, seconds, score, tuning = run.row(v)
                 ppl = {n: h.ppl(merged, n, "test") for n in subset}
                 del merged
                 r = row(size, subset, v.label, v.method, params, ppl, merge_seconds=seconds, tune_seconds=tuning,
@@ -371,8 +305,6 @@ def run_lm_evaluation(suite: LMSuite, rows: Sequence[Variant], subset_sizes: Seq
     config = {"suite": "generative", "seed": seed, "subset_sizes": sizes, "subsets_per_size": subsets_per_size,
               "test_limit": test_limit, "validation_limit": validation_limit,
               "unlabelled_per_domain": unlabelled_per_domain, "prompt_tokens": prompt_tokens,
-              "grids": {k: {p: list(vs) for p, vs in g.items()} for k, g in grids.items()},
-              "variants": {v.label: {"method": v.method, "params": dict(v.params),
-                                     "grid": {k: list(x) for k, x in v.grid.items()}, "note": v.note} for v in rows},
+              **grids_and_variants(grids, rows),
               "base": str(suite.base.path), "torch_threads": torch.get_num_threads(), "device": str(device)}
     return LMEvalResult(out, experts, config)

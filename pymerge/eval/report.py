@@ -24,6 +24,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
 CSV_FILE, MARKDOWN_FILE, ANP_PLOT, PER_TASK_PLOT = "results.csv", "results.md", "anp_vs_tasks.png", "per_task.png"
 RPS_PLOT, PER_DOMAIN_PLOT = "rps_vs_domains.png", "per_domain.png"
@@ -68,35 +69,53 @@ def _table(header, rows):
     return "\n".join(lines)
 
 
-def per_task_means(result, size):
-    """{variant: ({task: mean accuracy over the subsets of `size` holding it}, mean ANP, mean merge seconds)}."""
+def _variant_means(result, size, per_name, fields):
+    """{variant: ({name: mean of row.<per_name>[name] over the subsets of `size` holding it}, then the mean of
+    each row.<field> in `fields`)}: the per-task (per-domain) table of either suite."""
     out = {}
     for v in result.variants():
         rows = [r for r in result.rows if r.variant == v and r.size == size]
         if not rows:
             continue
-        acc = {}
+        means = {}
         for t in task_names(result):
-            values = [r.accuracy[t] for r in rows if t in r.accuracy]
+            values = [getattr(r, per_name)[t] for r in rows if t in getattr(r, per_name)]
             if values:
-                acc[t] = sum(values) / len(values)
-        out[v] = (acc, sum(r.anp for r in rows) / len(rows), sum(r.merge_seconds for r in rows) / len(rows))
+                means[t] = sum(values) / len(values)
+        out[v] = (means, *(sum(getattr(r, f) for r in rows) / len(rows) for f in fields))
     return out
+
+
+def _covered(result, means):
+    """The tasks (domains) that some row of `means` measured, in the result's order."""
+    return [t for t in task_names(result) if any(t in m[0] for m in means.values())]
+
+
+def per_task_means(result, size):
+    """{variant: ({task: mean accuracy over the subsets of `size` holding it}, mean ANP, mean merge seconds)}."""
+    return _variant_means(result, size, "accuracy", ("anp", "merge_seconds"))
 
 
 def console_table(result, size=None) -> str:
     """Plain-text table: per-task test accuracy (%) at `size` tasks (default the largest), ANP, merge time."""
     size = size or max(result.sizes())
     means = per_task_means(result, size)
-    tasks = [t for t in task_names(result) if any(t in acc for acc, _, _ in means.values())]
+    tasks = _covered(result, means)
+    return _console(means, tasks, f"{'ANP %':>9}", lambda x: f"{100 * x:>15.1f}",
+                    lambda anp: f"{100 * anp:>9.1f}", ("expert", "pretrained"))
+
+
+def _console(means, names, tail_head, cell, tail, unmerged):
+    """The console table of either suite: a row per variant of `means` (per-name values, the summary values,
+    merge seconds last), one column per name (cell(value), blank where not measured), tail(*summaries) after
+    them, then the merge time (blank for the unmerged reference rows)."""
     width = max(len(v) for v in means) + 2
-    cols = [t[:14] for t in tasks]
-    head = f"{'method':<{width}}" + "".join(f"{c:>15}" for c in cols) + f"{'ANP %':>9}{'merge s':>9}"
+    head = f"{'method':<{width}}" + "".join(f"{n[:14]:>15}" for n in names) + tail_head + f"{'merge s':>9}"
     lines = [head, "-" * len(head)]
-    for v, (acc, anp, seconds) in means.items():
-        cells = "".join(f"{100 * acc[t]:>15.1f}" if t in acc else f"{'':>15}" for t in tasks)
-        time_cell = f"{seconds:>9.2f}" if v not in ("expert", "pretrained") else f"{'':>9}"
-        lines.append(f"{v:<{width}}{cells}{100 * anp:>9.1f}{time_cell}")
+    for v, (values, *summaries, seconds) in means.items():
+        cells = "".join(cell(values[n]) if n in values else f"{'':>15}" for n in names)
+        time_cell = f"{seconds:>9.2f}" if v not in unmerged else f"{'':>9}"
+        lines.append(f"{v:<{width}}{cells}{tail(*summaries)}{time_cell}")
     return "\n".join(lines)
 
 
@@ -104,16 +123,12 @@ def markdown(result, command: str | None = None) -> str:
     sizes = result.sizes()
     summary = result.summary()
     cfg = result.config
-    parts = ["# Merged-model accuracy", ""]
-    if command:
-        parts += ["```", f"$ {command}", "```", ""]
+    parts = _title(["# Merged-model accuracy", ""], command)
     parts += [f"Seed {cfg['seed']}; up to {cfg['subsets_per_size']} task subsets per size; test examples per task: "
               f"{cfg['test_limit'] or 'all'}; validation examples per task (tuning): "
               f"{cfg['validation_limit'] or 'all'}; unlabelled train texts per task (learned methods): "
               f"{cfg['unlabelled_per_task']}.",
-              "Validation grids: " + "; ".join(f"{m}: " + ", ".join(f"{p} ∈ {{{', '.join(map(str, vs))}}}"
-                                                                     for p, vs in g.items())
-                                               for m, g in cfg["grids"].items() if g) + ".",
+              _grids_sentence(cfg["grids"]),
               "ANP = mean over tasks of accuracy(merged) / accuracy(expert); gap closed = (ANP − ANP_TA) / "
               "(1 − ANP_TA), TA = task arithmetic at its tuned λ. Heads are never merged.", ""]
     header = ["row", *(f"ANP % ({s} tasks)" for s in sizes), f"gap closed % ({sizes[-1]})",
@@ -128,24 +143,42 @@ def markdown(result, command: str | None = None) -> str:
                      notes.get(v, "")])
     parts += ["## Summary (means over subsets)", "", _table(header, rows), ""]
     means = per_task_means(result, sizes[-1])
-    tasks = [t for t in task_names(result) if any(t in acc for acc, _, _ in means.values())]
+    tasks = _covered(result, means)
     parts += [f"## Per task at {sizes[-1]} tasks (test accuracy %)", "",
               _table(["row", *tasks, "ANP %", "merge s"],
                      [[v, *(_pct(acc.get(t)) for t in tasks), _pct(anp),
                        _num(sec, 2) if v not in ("expert", "pretrained") else ""]
                       for v, (acc, anp, sec) in means.items()]), ""]
-    chosen = [r for r in result.rows if r.size == sizes[-1] and r.params]
-    if chosen:
-        parts += [f"## Parameters used at {sizes[-1]} tasks", "",
-                  _table(["subset", "row", "params", "validation ANP %"],
-                         [["+".join(r.subset), r.variant, "`" + json.dumps(r.params, sort_keys=True, default=str)
-                           + "`", _pct(r.validation_anp)] for r in chosen]), ""]
+    parts += _parameters(result, sizes[-1], "tasks", "validation ANP %", lambda r: _pct(r.validation_anp))
     parts += ["## Experts", "", _table(["task", "test acc %", "validation acc %", "pretrained body + head %",
                                         "test examples", "model"],
                                        [[t, _pct(e["test"]), _pct(e["validation"]), _pct(e["pretrained_test"]),
                                          e.get("test_examples", ""), f"`{e['source']}`"]
                                         for t, e in result.experts.items()]), ""]
     return "\n".join(parts)
+
+
+def _title(parts, command):
+    """The page's title lines, then the command that produced it (a shell block) when given."""
+    return parts + (["```", f"$ {command}", "```", ""] if command else [])
+
+
+def _grids_sentence(grids):
+    """"Validation grids: method: p ∈ {values}, ...; ..." over the methods with a non-empty grid."""
+    return "Validation grids: " + "; ".join(f"{m}: " + ", ".join(f"{p} ∈ {{{', '.join(map(str, vs))}}}"
+                                                               for p, vs in g.items())
+                                         for m, g in grids.items() if g) + "."
+
+
+def _parameters(result, size, what, score_head, score):
+    """The "Parameters used" section: each row at `size` tasks (domains) with parameters, and score(row)."""
+    chosen = [r for r in result.rows if r.size == size and r.params]
+    if not chosen:
+        return []
+    return [f"## Parameters used at {size} {what}", "",
+            _table(["subset", "row", "params", score_head],
+                   [["+".join(r.subset), r.variant, "`" + json.dumps(r.params, sort_keys=True, default=str) + "`",
+                     score(r)] for r in chosen]), ""]
 
 
 def _pct(x):
@@ -158,10 +191,17 @@ def _figure_bytes(fig) -> bytes:
     return buf.getvalue()
 
 
-def anp_plot(result) -> bytes:
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    return plt
+
+
+def _size_plot(result, value, unmerged, one, xlabel, ylabel, title) -> bytes:
+    """A line per row but the experts: value(summary entry) against the number of tasks (domains) merged,
+    dashed for the `unmerged` reference row; a black line at `one` (the experts' level) when given."""
+    plt = _pyplot()
     summary = result.summary()
     sizes = result.sizes()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -169,40 +209,51 @@ def anp_plot(result) -> bytes:
         if v == "expert":
             continue
         xs = [s for s in sizes if (v, s) in summary]
-        ax.plot(xs, [100 * summary[v, s]["anp"] for s in xs], marker="o", label=v,
-                linestyle="--" if v == "pretrained" else "-")
-    ax.set_xlabel("number of tasks merged")
-    ax.set_ylabel("ANP % (accuracy / expert accuracy)")
+        ax.plot(xs, [value(summary[v, s]) for s in xs], marker="o", label=v,
+                linestyle="--" if v == unmerged else "-")
+    if one is not None:
+        ax.axhline(one, color="black", linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_xticks(sizes)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title("Merged model vs experts")
+    ax.set_title(title)
     data = _figure_bytes(fig)
     plt.close(fig)
     return data
 
 
-def per_task_plot(result) -> bytes:
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-    size = result.sizes()[-1]
-    means = {v: m for v, m in per_task_means(result, size).items() if v != "expert"}
-    tasks = [t for t in task_names(result) if any(t in acc for acc, _, _ in means.values())]
-    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(tasks)), 4.5))
+def _per_name_plot(means, names, ratio, one, ylabel, title) -> bytes:
+    """Grouped bars: ratio(row's per-name means, name) per task (domain), one bar per row of `means`; a black
+    line at `one` (the experts' level)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(names)), 4.5))
     width = 0.8 / max(1, len(means))
-    for i, (v, (acc, _, _)) in enumerate(means.items()):
-        ax.bar([j + i * width for j in range(len(tasks))],
-               [100 * acc.get(t, float("nan")) / result.experts[t]["test"] for t in tasks], width, label=v)
-    ax.axhline(100, color="black", linewidth=0.8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))])
-    ax.set_xticklabels(tasks, rotation=20)
-    ax.set_ylabel("accuracy / expert accuracy %")
-    ax.set_title(f"Per task, {size} tasks merged")
+    for i, (v, m) in enumerate(means.items()):
+        ax.bar([j + i * width for j in range(len(names))], [ratio(m[0], n) for n in names], width, label=v)
+    ax.axhline(one, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))])
+    ax.set_xticklabels(names, rotation=20)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     data = _figure_bytes(fig)
     plt.close(fig)
     return data
+
+
+def anp_plot(result) -> bytes:
+    return _size_plot(result, lambda e: 100 * e["anp"], "pretrained", None, "number of tasks merged",
+                      "ANP % (accuracy / expert accuracy)", "Merged model vs experts")
+
+
+def per_task_plot(result) -> bytes:
+    size = result.sizes()[-1]
+    means = {v: m for v, m in per_task_means(result, size).items() if v != "expert"}
+    return _per_name_plot(means, _covered(result, means),
+                          lambda acc, t: 100 * acc.get(t, float("nan")) / result.experts[t]["test"], 100,
+                          "accuracy / expert accuracy %", f"Per task, {size} tasks merged")
 
 
 def is_generative(result) -> bool:
@@ -215,14 +266,19 @@ def write_reports(result, out_dir, command: str | None = None, plots: bool = Tru
     result (harness.EvalResult or lm_harness.LMEvalResult)."""
     if is_generative(result):
         return write_lm_reports(result, out_dir, command, plots)
-    out = Path(out_dir)
+    return _write_files(Path(out_dir), csv_text(result), markdown(result, command),
+                        {"anp_plot": (ANP_PLOT, anp_plot), "per_task_plot": (PER_TASK_PLOT, per_task_plot)}
+                        if plots else {}, result)
+
+
+def _write_files(out: Path, csv_body: str, markdown_body: str, plots: Mapping, result) -> dict:
+    """results.csv, results.md, then each {kind: (file name, plot(result) -> PNG bytes)}; {kind: path}."""
     paths = {"csv": out / CSV_FILE, "markdown": out / MARKDOWN_FILE}
-    _atomic_write(paths["csv"], csv_text(result).encode("utf-8"))
-    _atomic_write(paths["markdown"], markdown(result, command).encode("utf-8"))
-    if plots:
-        paths["anp_plot"], paths["per_task_plot"] = out / ANP_PLOT, out / PER_TASK_PLOT
-        _atomic_write(paths["anp_plot"], anp_plot(result))
-        _atomic_write(paths["per_task_plot"], per_task_plot(result))
+    _atomic_write(paths["csv"], csv_body.encode("utf-8"))
+    _atomic_write(paths["markdown"], markdown_body.encode("utf-8"))
+    for kind, (name, plot) in plots.items():
+        paths[kind] = out / name
+        _atomic_write(paths[kind], plot(result))
     return paths
 
 
@@ -245,19 +301,7 @@ def lm_csv_text(result) -> str:
 def lm_per_domain_means(result, size):
     """{variant: ({domain: mean perplexity over the subsets of `size` holding it}, mean RPS, mean gain kept,
     mean merge seconds)}."""
-    out = {}
-    for v in result.variants():
-        rows = [r for r in result.rows if r.variant == v and r.size == size]
-        if not rows:
-            continue
-        ppl = {}
-        for d in task_names(result):
-            values = [r.perplexity[d] for r in rows if d in r.perplexity]
-            if values:
-                ppl[d] = sum(values) / len(values)
-        out[v] = (ppl, sum(r.rps for r in rows) / len(rows), sum(r.gain_kept for r in rows) / len(rows),
-                  sum(r.merge_seconds for r in rows) / len(rows))
-    return out
+    return _variant_means(result, size, "perplexity", ("rps", "gain_kept", "merge_seconds"))
 
 
 def lm_console_table(result, size=None) -> str:
@@ -265,32 +309,21 @@ def lm_console_table(result, size=None) -> str:
     merge time."""
     size = size or max(result.sizes())
     means = lm_per_domain_means(result, size)
-    domains = [d for d in task_names(result) if any(d in m[0] for m in means.values())]
-    width = max(len(v) for v in means) + 2
-    head = (f"{'method':<{width}}" + "".join(f"{d[:14]:>15}" for d in domains)
-            + f"{'RPS':>8}{'gain':>8}{'merge s':>9}")
-    lines = [head, "-" * len(head)]
-    for v, (ppl, rps, gain, seconds) in means.items():
-        cells = "".join(f"{ppl[d]:>15.3f}" if d in ppl else f"{'':>15}" for d in domains)
-        time_cell = f"{seconds:>9.2f}" if v not in ("expert", "base") else f"{'':>9}"
-        lines.append(f"{v:<{width}}{cells}{rps:>8.4f}{_num(gain, 3):>8}{time_cell}")
-    return "\n".join(lines)
+    domains = _covered(result, means)
+    return _console(means, domains, f"{'RPS':>8}{'gain':>8}", lambda x: f"{x:>15.3f}",
+                    lambda rps, gain: f"{rps:>8.4f}{_num(gain, 3):>8}", ("expert", "base"))
 
 
 def lm_markdown(result, command: str | None = None) -> str:
     sizes = result.sizes()
     summary = result.summary()
     cfg = result.config
-    parts = ["# Merged causal LMs: held-out perplexity per domain", ""]
-    if command:
-        parts += ["```", f"$ {command}", "```", ""]
+    parts = _title(["# Merged causal LMs: held-out perplexity per domain", ""], command)
     parts += [f"Base `{cfg['base']}`. Seed {cfg['seed']}; up to {cfg['subsets_per_size']} domain subsets per "
               f"size; test texts per domain: {cfg['test_limit'] or 'all'}; validation texts per domain (tuning): "
               f"{cfg['validation_limit'] or 'all'}; DivMerge prompts: the start of {cfg['unlabelled_per_domain']} "
               f"train texts per domain (at most {cfg['prompt_tokens']} tokens, at most half of each text).",
-              "Validation grids: " + "; ".join(f"{m}: " + ", ".join(f"{p} ∈ {{{', '.join(map(str, vs))}}}"
-                                                                     for p, vs in g.items())
-                                               for m, g in cfg["grids"].items() if g) + ".",
+              _grids_sentence(cfg["grids"]),
               "Perplexity = exp(next-token NLL per token) over a domain's test texts (each: start token, text, eos "
               "when it fits). RPS = mean over domains of ppl(expert) / ppl(merged) (1 = the experts' own "
               "perplexity); gain kept = mean over domains of (ln ppl(base) − ln ppl(merged)) / (ln ppl(base) − "
@@ -307,18 +340,13 @@ def lm_markdown(result, command: str | None = None) -> str:
                      _num(last.get("merge_seconds"), 2) if v not in ("expert", "base") else "", notes.get(v, "")])
     parts += ["## Summary (means over subsets)", "", _table(header, rows), ""]
     means = lm_per_domain_means(result, sizes[-1])
-    domains = [d for d in task_names(result) if any(d in m[0] for m in means.values())]
+    domains = _covered(result, means)
     parts += [f"## Per domain at {sizes[-1]} domains (test perplexity)", "",
               _table(["row", *domains, "RPS", "gain kept", "merge s"],
                      [[v, *(_num(ppl.get(d), 3) for d in domains), _num(rps), _num(gain, 3),
                        _num(sec, 2) if v not in ("expert", "base") else ""]
                       for v, (ppl, rps, gain, sec) in means.items()]), ""]
-    chosen = [r for r in result.rows if r.size == sizes[-1] and r.params]
-    if chosen:
-        parts += [f"## Parameters used at {sizes[-1]} domains", "",
-                  _table(["subset", "row", "params", "validation RPS"],
-                         [["+".join(r.subset), r.variant, "`" + json.dumps(r.params, sort_keys=True, default=str)
-                           + "`", _num(r.validation_rps)] for r in chosen]), ""]
+    parts += _parameters(result, sizes[-1], "domains", "validation RPS", lambda r: _num(r.validation_rps))
     parts += ["## Experts", "", _table(["domain", "test ppl", "validation ppl", "base test ppl",
                                         "base validation ppl", "test texts", "test tokens", "model"],
                                        [[d, _num(e["test_ppl"], 3), _num(e["validation_ppl"], 3),
@@ -329,62 +357,20 @@ def lm_markdown(result, command: str | None = None) -> str:
 
 
 def lm_rps_plot(result) -> bytes:
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-    summary = result.summary()
-    sizes = result.sizes()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for v in result.variants():
-        if v == "expert":
-            continue
-        xs = [s for s in sizes if (v, s) in summary]
-        ax.plot(xs, [summary[v, s]["rps"] for s in xs], marker="o", label=v,
-                linestyle="--" if v == "base" else "-")
-    ax.axhline(1, color="black", linewidth=0.8)
-    ax.set_xlabel("number of domains merged")
-    ax.set_ylabel("RPS (expert perplexity / merged perplexity)")
-    ax.set_xticks(sizes)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title("Merged causal LM vs experts")
-    data = _figure_bytes(fig)
-    plt.close(fig)
-    return data
+    return _size_plot(result, lambda e: e["rps"], "base", 1, "number of domains merged",
+                      "RPS (expert perplexity / merged perplexity)", "Merged causal LM vs experts")
 
 
 def lm_per_domain_plot(result) -> bytes:
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
     size = result.sizes()[-1]
     means = {v: m for v, m in lm_per_domain_means(result, size).items() if v != "expert"}
-    domains = [d for d in task_names(result) if any(d in m[0] for m in means.values())]
-    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(domains)), 4.5))
-    width = 0.8 / max(1, len(means))
-    for i, (v, (ppl, _, _, _)) in enumerate(means.items()):
-        ax.bar([j + i * width for j in range(len(domains))],
-               [result.experts[d]["test_ppl"] / ppl[d] if d in ppl else float("nan") for d in domains], width,
-               label=v)
-    ax.axhline(1, color="black", linewidth=0.8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(domains))])
-    ax.set_xticklabels(domains, rotation=20)
-    ax.set_ylabel("expert perplexity / merged perplexity")
-    ax.set_title(f"Per domain, {size} domains merged")
-    ax.legend(fontsize=7, ncol=2)
-    data = _figure_bytes(fig)
-    plt.close(fig)
-    return data
+    return _per_name_plot(means, _covered(result, means),
+                          lambda ppl, d: result.experts[d]["test_ppl"] / ppl[d] if d in ppl else float("nan"), 1,
+                          "expert perplexity / merged perplexity", f"Per domain, {size} domains merged")
 
 
 def write_lm_reports(result, out_dir, command: str | None = None, plots: bool = True) -> dict:
     """The generative suite's results.csv, results.md and (plots) rps_vs_domains.png, per_domain.png."""
-    out = Path(out_dir)
-    paths = {"csv": out / CSV_FILE, "markdown": out / MARKDOWN_FILE}
-    _atomic_write(paths["csv"], lm_csv_text(result).encode("utf-8"))
-    _atomic_write(paths["markdown"], lm_markdown(result, command).encode("utf-8"))
-    if plots:
-        paths["rps_plot"], paths["per_domain_plot"] = out / RPS_PLOT, out / PER_DOMAIN_PLOT
-        _atomic_write(paths["rps_plot"], lm_rps_plot(result))
-        _atomic_write(paths["per_domain_plot"], lm_per_domain_plot(result))
-    return paths
+    return _write_files(Path(out_dir), lm_csv_text(result), lm_markdown(result, command),
+                        {"rps_plot": (RPS_PLOT, lm_rps_plot), "per_domain_plot": (PER_DOMAIN_PLOT, lm_per_domain_plot)}
+                        if plots else {}, result)
