@@ -14,6 +14,9 @@ Fidelity cases (first, --case real / block-flat; 1 thread, process CPU time, bes
      (pymerge.synthetic.flat_tail_models, cached in /tmp/pymerge_bench_7b_flat.safetensors); official time
      EXTRAPOLATED from all 8 SVDs of q_proj and one of gate_proj; the difference on q_proj (exact merged weights
      of that key from those 8 SVDs).
+Per key (--case keys, alone): the fidelity control's routes on one flat-tailed MiniLM-shaped key of each shape,
+T = 6: subspace iteration, Gram route, the default's choice, the official merge (the data behind
+methods/cart_factors.py's cost model).
 Then the former cases (--case synthetic), kept as labelled extras:
 
 1 thread everywhere (--threads N: N, for both implementations). Cases (T = 8 fine-tunes, rank_ratio 0.08, lam 2.0):
@@ -383,6 +386,36 @@ def case_block_flat():
     return rows
 
 
+def case_keys(repeat=3):
+    """Per key, the routes of the fidelity control's choice (methods/cart_factors.py: GRAM_EIGH, gram_passes):
+    one MiniLM-shaped key of each shape (384 x 384, 1536 x 384, 384 x 1536) with the flat tail measured on the
+    real experts (synthetic.flat_tail_models), T = 6, fp32, at rank ratios 0.02 / 0.08 / 0.16: the subspace
+    iteration to tol 0.05 (the Gram route's cost made prohibitive), the Gram route (forced), what the default
+    chooses, and the official merge of that key. Best process CPU time of `repeat`, ms."""
+    import pymerge
+    from pymerge.methods import cart_factors
+    shapes = {"l.q.weight": (384, 384), "l.up.weight": (1536, 384), "l.down.weight": (384, 1536)}
+    base, models = synthetic.flat_tail_models(shapes, 6, seed=SEED, dtype=torch.float32)
+    saved = cart_factors.GRAM_EIGH
+    print(f"{'rank ratio':>10s} {'shape':>12s} {'iteration ms':>12s} {'Gram ms':>8s} {'default ms':>10s} "
+          f"{'official ms':>11s}")
+    try:
+        for ratio in REAL_RATIOS:
+            for key, shape in shapes.items():
+                b, ms = {key: base[key]}, [{key: m[key]} for m in models]
+                times = []
+                for eigh in (1e12, -1e12, saved):     # iteration only, Gram only, the model's choice
+                    cart_factors.GRAM_EIGH = eigh
+                    t, _ = _cpu_best(lambda: pymerge.merge("cart", b, ms, rank_ratio=ratio, lam=LAM), repeat)
+                    times.append(t)
+                cart_factors.GRAM_EIGH = saved
+                t_off, _ = _cpu_best(lambda: official_cart.merge(b, ms, rank_ratio=ratio, lam=LAM, selected=[key]), 1)
+                print(f"{ratio:10.2f} {str(shape):>12s} {1e3 * times[0]:12.1f} {1e3 * times[1]:8.1f} "
+                      f"{1e3 * times[2]:10.1f} {1e3 * t_off:11.1f}", flush=True)
+    finally:
+        cart_factors.GRAM_EIGH = saved
+
+
 def print_fidelity_rows(rows):
     print(f"{'case':46s} {'variant':40s} {'official s':>10s} {'pymerge s':>9s} {'speed-up':>8s} "
           f"{'merged diff':>11s} {'ANP diff (pts)':>14s}")
@@ -394,8 +427,9 @@ def print_fidelity_rows(rows):
 def main(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="MiniLM-L6 only")
-    ap.add_argument("--case", choices=("all", "real", "block-flat", "synthetic"), default="all",
-                    help="real: the 6 MiniLM experts; block-flat: the flat-tail 7B block; synthetic: the former cases")
+    ap.add_argument("--case", choices=("all", "real", "block-flat", "synthetic", "keys"), default="all",
+                    help="real: the 6 MiniLM experts; block-flat: the flat-tail 7B block; synthetic: the former cases; "
+                    "keys: per-key routes of the fidelity control (iteration / Gram / default / official)")
     ap.add_argument("--no-anp", action="store_true", help="real case: skip the accuracy evaluation")
     ap.add_argument("--full", action="store_true", help="complete baseline on the 7B block (~30+ min)")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per implementation on MiniLM (best kept)")
@@ -406,6 +440,9 @@ def main(argv):
         worker(json.loads(args.worker))
         return 0
     threads = set_torch_threads(args.threads)
+    if args.case == "keys":
+        case_keys()
+        return 0
     if args.case in ("all", "real", "block-flat"):
         if threads != 1:
             raise SystemExit("the real / block-flat cases time process CPU time: run them at 1 thread")

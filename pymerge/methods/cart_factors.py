@@ -85,13 +85,14 @@ def gram_factors(A, k):
 
 
 # The tol path's choice, per materialised key, between the subspace iteration and gram_factors, from a cost
-# model in flops fitted to per-key CPU times measured at 1 thread (T = 6 flat-tailed MiniLM-L6-shaped keys,
-# rank ratios 0.02 / 0.08 / 0.16; benchmarks/methods_cart.py --case real reports the whole-model result):
+# model in flops fitted to per-key CPU times at 1 thread (`python benchmarks/methods_cart.py --case keys`: T = 6
+# flat-tailed MiniLM-L6-shaped keys at rank ratios 0.02 / 0.08 / 0.16; --case real gives the whole-model result):
 # one pass of the iteration over an m x n matrix with l columns costs 2 m n l for the GEMM plus its share of the
 # Rayleigh-Ritz / orthonormalisation / merge work, ~3.5 (m + n) l^2 + 12.5 l^3; the Gram route 2 m n r for the
-# Gram matrix, GRAM_EIGH r^3 for torch.linalg.eigh and 2 m n k for U S, r = min(m, n). Measured there (ms for
-# 6 tasks, iteration / Gram / official): 384 x 384 at k 30: 50 / 60 / 113; 1536 x 384 at k 30: 111 / 80 / 249;
-# 384 x 384 at k 61: 68 / 60 / 110; at k 7 the iteration (18 ms) always wins.
+# Gram matrix, GRAM_EIGH r^3 for torch.linalg.eigh and 2 m n k for U S, r = min(m, n). Measured by --case keys
+# (ms, iteration / Gram / official): 384 x 384 at k 30: 26 / 48 / 96; 1536 x 384 at k 30: 98 / 72 / 210;
+# 384 x 1536 at k 30: 126 / 69 / 372; 384 x 384 at k 61: 49 / 49 / 96; at k 7 the iteration (9-36 ms) wins;
+# the default took the cheaper route on all nine.
 GRAM_EIGH = 3.6
 # The Gram route is taken up front when it costs no more than the passes the iteration is expected to need for
 # tol: the start's 3 and 2 per step, log(tol) / log(EXPECTED_RATE) steps, EXPECTED_RATE being the contraction
