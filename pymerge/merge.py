@@ -181,7 +181,7 @@ class MergePlan:
         spec, infos, out_dtype = self.spec, self.infos, self.out_dtype
         # Merging never builds an autograd graph, whatever the inputs require.
         with torch.no_grad():
-            group = _load_group(spec, group_keys, self.base, self.models)
+            group = _load_group(spec, group_keys, self.base, self.models, out_dtype)
             if self.check_finite and not spec.nonfinite_propagates:
                 _check_inputs_finite(spec, group)
             outputs = spec.merge_group(group, **self.params)
@@ -288,7 +288,7 @@ def _passthrough_value(spec, key, base, models, stacklevel=3):
     return value
 
 
-def _load_group(spec, keys, base, models):
+def _load_group(spec, keys, base, models, out_dtype=None):
     bases, groups = [], []
     for key in keys:
         b = _fetch(spec, base, key, "base")
@@ -299,7 +299,7 @@ def _load_group(spec, keys, base, models):
                                  f"{b.device} in base")
         bases.append(b)
         groups.append(thetas)
-    return KeyGroup(keys=list(keys), base=bases, models=groups)
+    return KeyGroup(keys=list(keys), base=bases, models=groups, out_dtype=out_dtype)
 
 
 def _nonfinite_at(tensors):

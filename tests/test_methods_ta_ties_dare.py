@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 import pymerge
 from pymerge.methods import dare_linear as dare_mod, key_seed, ties as ties_mod
 
-from backend_lists import method_backends
+from backend_lists import method_backends, op_backends
 
 
 OPS_BACKENDS = method_backends("center_task_vectors")
@@ -128,6 +128,26 @@ def test_weight_average_and_task_arithmetic(dtype, tol, backend):
     # defaults: lam = 0.3, unit weights
     _close(pymerge.merge("task_arithmetic", base, models, backend=backend),
            oracle_task_arithmetic(base, models, 0.3, [1.0] * 4), tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", OPS_BACKENDS + ["triton"] if "triton" in op_backends() else OPS_BACKENDS)
+def test_low_precision_result_is_one_rounding_of_the_fp32_result(dtype, backend):
+    # Both fused sums write their bf16 / fp16 result directly (KeyGroup.out_dtype): it must be the fp32 result
+    # rounded once, as merge() casting an fp32 result gives; and within half an output ulp of the float64 oracle.
+    shapes = collections.OrderedDict([("big", (67, 129)), ("v", (1000,)), ("s", ())])
+    base, models = family(dtype=dtype, seed=3, shapes=shapes, scale=0.3)
+    w = [1.0, 2.0, 0.5, 1.5]
+    for method, params, oracle in (("task_arithmetic", dict(lam=0.7, weights=w),
+                                    oracle_task_arithmetic(base, models, 0.7, w)),
+                                   ("weight_average", dict(weights=w), oracle_weight_average(base, models, w))):
+        got = pymerge.merge(method, base, models, backend=backend, **params)
+        fp32 = pymerge.merge(method, base, models, backend=backend, out_dtype=torch.float32, **params)
+        for k in base:
+            assert got[k].dtype == dtype
+            assert torch.equal(got[k], fp32[k].to(dtype)), (method, k)
+            ulp = torch.finfo(dtype).eps * oracle[k].abs().clamp_min(torch.finfo(dtype).tiny)
+            assert bool(((got[k].double() - oracle[k]).abs() <= ulp + 1e-5 * oracle[k].abs().max()).all()), k
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])

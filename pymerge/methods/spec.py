@@ -18,7 +18,9 @@ Contract between pymerge.merge and a method (pymerge/methods/<name>.py defines S
    ``spec.merge_group(group, **params)`` under torch.no_grad(), with inputs it has checked to be finite (unless
    the spec sets ``nonfinite_propagates`` or the caller passed check_finite=False); merge_group returns one
    merged tensor per key of the group, in float32 (float64 for float64 inputs); merge() casts them to the
-   output dtype. merge_group must not modify its inputs and must not depend on which other keys share its
+   output dtype (group.out_dtype; a method whose result is one rounding of an fp32 accumulation, like the
+   fused weighted sums of task arithmetic and weight averaging, may return it in group.out_dtype directly and
+   save the cast's extra pass: the values are the same). merge_group must not modify its inputs and must not depend on which other keys share its
    group except through batching (results may differ by floating-point rounding only; randomized methods
    derive their randomness from the seed and the key names, see ``key_seed``).
 """
@@ -49,6 +51,9 @@ class KeyGroup:
     keys: List[str]
     base: List[torch.Tensor]
     models: List[List[torch.Tensor]]
+    # The dtype pymerge.merge casts the results to (None: the inputs' dtype). A method may return its results in
+    # it when that is the same as computing in compute_dtype and casting (one rounding of an fp32 result).
+    out_dtype: Optional[torch.dtype] = None
 
     @property
     def num_models(self):
@@ -70,6 +75,11 @@ class KeyGroup:
     def compute_dtype(self):
         """float64 for float64 inputs, else float32: the dtype merge_group returns."""
         return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    @property
+    def result_dtype(self):
+        """The dtype the merged tensors end in: out_dtype, else the inputs' dtype."""
+        return self.out_dtype or self.dtype
 
     def __len__(self):
         return len(self.keys)

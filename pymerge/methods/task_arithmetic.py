@@ -23,7 +23,7 @@ def task_arithmetic_coefficients(lam, weights) -> List[float]:
 def merge_group(group: KeyGroup, lam, weights, backend="auto") -> List[torch.Tensor]:
     c = task_arithmetic_coefficients(lam, weights)
     # center_task_vectors with return_centered=False is exactly a one-pass weighted sum accumulated in fp32.
-    return [center_task_vectors([base, *thetas], c, out_dtype=group.compute_dtype, return_centered=False,
+    return [center_task_vectors([base, *thetas], c, out_dtype=group.result_dtype, return_centered=False,
                                 backend=backend)[0]
             for base, thetas in zip(group.base, group.models)]
 

@@ -39,7 +39,7 @@ def prepare(params, keys):
 
 def merge_group(group: KeyGroup, weights, backend="auto") -> List[torch.Tensor]:
     w = normalized_weights(weights)
-    return [center_task_vectors(thetas, w, out_dtype=group.compute_dtype, return_centered=False,
+    return [center_task_vectors(thetas, w, out_dtype=group.result_dtype, return_centered=False,
                                 backend=backend)[0]
             for thetas in group.models]
 
