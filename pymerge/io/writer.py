@@ -22,6 +22,7 @@ import torch
 from .errors import ModelFileError
 from .safetensors_file import DTYPE_NAMES
 from .tensor_info import tensor_nbytes
+from .write_behind import WriteBehind, pwrite_all
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 SINGLE_NAME = "model.safetensors"
@@ -114,9 +115,13 @@ class ShardWriter:
 
     keys: the keys this writer writes (default: all of the plan's). Several writers (processes) can fill one
     set of shard files, each its own keys: one calls open(), the others open(create=False) once the files
-    exist, and once all have finished (finish(write_index=False)) one calls write_index()."""
+    exist, and once all have finished (finish(write_index=False)) one calls write_index().
 
-    def __init__(self, directory, plan: ShardPlan, keys=None):
+    write_behind=True: write() queues the tensor for a background thread (pymerge/io/write_behind.py) and returns,
+    so the caller merges the next group while this one reaches the file; the tensor must not be modified
+    afterwards. finish() waits for it; close() drops what was not written."""
+
+    def __init__(self, directory, plan: ShardPlan, keys=None, write_behind=False):
         self.directory = Path(directory)
         self.plan = plan
         self._pending = set(plan.key_shard) if keys is None else set(keys)
@@ -125,6 +130,8 @@ class ShardWriter:
             raise KeyError(f"ShardWriter: key {sorted(unknown)[0]!r} is not in the plan")
         self._fds = {}
         self.bytes_written = 0
+        self._write_behind = write_behind
+        self._behind = None
 
     def open(self, create=True):
         for i, shard in enumerate(self.plan.shards):
@@ -137,13 +144,11 @@ class ShardWriter:
                 self.bytes_written += len(shard.header)
             else:
                 self._fds[i] = os.open(path, os.O_WRONLY)
+        if self._write_behind:
+            self._behind = WriteBehind()
         return self
 
-    @staticmethod
-    def _pwrite(fd, view, offset):
-        while len(view):
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
+    _pwrite = staticmethod(pwrite_all)
 
     def write(self, key, tensor: torch.Tensor):
         if key not in self._pending:
@@ -159,7 +164,10 @@ class ShardWriter:
                              f"({tuple(t.shape)}, {t.dtype}), the plan {end - begin}")
         if end > begin:
             raw = t.reshape(-1).view(torch.uint8).numpy()
-            self._pwrite(self._fds[i], memoryview(raw), begin)
+            if self._behind is not None:
+                self._behind.submit(self._fds[i], raw, begin)
+            else:
+                self._pwrite(self._fds[i], memoryview(raw), begin)
         self._pending.discard(key)
         self.bytes_written += end - begin
 
@@ -167,6 +175,8 @@ class ShardWriter:
         if self._pending:
             raise RuntimeError(f"ShardWriter: {len(self._pending)} key(s) were never written, e.g. "
                                f"{sorted(self._pending)[0]!r}")
+        if self._behind is not None:
+            self._behind.drain()
         for fd in self._fds.values():
             os.fsync(fd)
         self.close()
@@ -182,6 +192,9 @@ class ShardWriter:
         return write_file(self.directory / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode("utf-8"))
 
     def close(self):
+        if self._behind is not None:
+            self._behind.abort()
+            self._behind = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
