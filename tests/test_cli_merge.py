@@ -588,6 +588,27 @@ def test_internal_error_is_exit_1_and_leaves_nothing(llama, tmp_path, monkeypatc
     assert p.returncode == 2 and "--max-shard-size" in p.stderr
 
 
+def test_write_error_in_the_write_behind_thread_leaves_nothing(llama, tmp_path, monkeypatch):
+    """A full disk while the output shards are written (in pymerge.io.write_behind's thread): the error reaches
+    the command, the temporary directory is removed, the inputs are untouched."""
+    import errno
+
+    import pymerge.io.write_behind as wb
+    real, calls = wb.pwrite_all, []
+
+    def full_disk(fd, view, offset):
+        calls.append(offset)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, view, offset)
+    monkeypatch.setattr(wb, "pwrite_all", full_disk)
+    before = tree_hash(llama)
+    with pytest.raises(OSError, match="No space left"):
+        cli.main([str(a) for a in flags(llama, "--quiet", "--max-group-size", "10KB", out=tmp_path / "out")])
+    assert len(calls) == 3 and os.listdir(tmp_path) == []
+    assert tree_hash(llama) == before
+
+
 # ------------------------------------------------------------------------------------------------- SIGTERM
 def test_sigterm_mid_merge_leaves_no_output(tmp_path):
     """A merge slow enough to be caught mid-way (exact SVDs of many keys, one key per group): SIGTERM once its

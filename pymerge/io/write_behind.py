@@ -4,8 +4,8 @@ group. A merge from a warm page cache is bound by memory bandwidth, so the copy 
 for the device are worth hiding behind the arithmetic (benchmarks/large_merge.py measures it).
 
 Bounded: at most `max_bytes` of submitted tensors wait at a time (a larger tensor waits alone), so write-behind
-adds at most that much to the merge's memory. An error of the thread (a full disk, say) is raised by the next
-submit() or by drain(). abort() drops whatever has not been written yet and joins the thread: callers abort
+adds at most that much to the merge's memory. An error of the thread (a full disk, say) is raised by every later
+submit() and drain(). abort() drops whatever has not been written yet and joins the thread: callers abort
 before anything a queued tensor points into is closed, and before a temporary output is removed.
 """
 import os
@@ -60,14 +60,13 @@ class WriteBehind:
         with self._cv:
             self._stop = True
             self._items.clear()
+            self._waiting = 0
             self._cv.notify_all()
         self._thread.join()
 
     def _raise(self):
-        if self._error is not None:
-            error, self._error = self._error, None
-            self._stop = True
-            raise error
+        if self._error is not None:     # every later submit() / drain() raises it again: nothing is half-done
+            raise self._error
 
     def _run(self):
         while True:
