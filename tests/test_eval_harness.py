@@ -196,6 +196,8 @@ def test_divmerge_zero_steps_from_task_arithmetic_is_task_arithmetic(experts, ta
     ta, dm = _rows(result, "task_arithmetic")[0], _rows(result, "dm")[0]
     assert dm.params["init_from_params"] == ta.params
     assert dm.accuracy == ta.accuracy
+    # a learned row is scored on validation too (the same weights: the same validation ANP)
+    assert not math.isnan(dm.validation_anp) and dm.validation_anp == ta.validation_anp
     # the last two rows' weights (after the expert / pretrained references): task arithmetic, then DivMerge
     (_, w_ta), (_, w_dm) = evaluated[-4], evaluated[-2]
     _same_weights(w_dm, w_ta, atol=1e-6)

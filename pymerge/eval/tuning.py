@@ -94,10 +94,12 @@ class TunedRun:
         return params
 
     def learned_result(self, params, result, seconds):
-        """A learned method's row: its merged state on the base's keys, the parameters a report can show."""
+        """A learned method's row: its merged state on the base's keys, the parameters a report can show, and
+        its validation score (never used to choose anything inside a run: it lets a study compare options of a
+        learned method on validation before looking at test)."""
         merged = {k: result.state_dict.get(k, self.base_state[k]) for k in self.base_state}
         params = {k: val for k, val in params.items() if isinstance(val, (int, float, str, bool, dict))}
-        return params, merged, seconds, float("nan"), 0.0
+        return params, merged, seconds, self.score(merged, "validation"), 0.0
 
 
 def checked_sizes(subset_sizes, names, what) -> list:

@@ -1,0 +1,83 @@
+"""What moves DivMerge's share of the task-arithmetic -> expert gap on the six text tasks (issue #11).
+
+    python benchmarks/divmerge_study.py [--tasks a,b,..] [--sizes 6] [--configs default,lr0.05,...]
+                                        [--test-limit 500] [--validation-limit 100] [--steps 200] [--out DIR]
+
+One pymerge.eval.run_evaluation over the cached experts (pymerge.eval.build_experts: `make data` builds them)
+with task arithmetic (λ tuned on validation, the gap's reference), CART (λ and rank tuned) and one DivMerge row
+per configuration below (layer level, Jensen-Shannon, unlabelled train texts only). Each row prints test ANP,
+the gap closed and the VALIDATION ANP: choose a configuration on validation ANP, then confirm it on a task set
+the choice never saw (--tasks). Every configuration runs the same steps on the same data unless it says
+otherwise. Writes results.csv / results.md (pymerge.eval.report) under --out.
+"""
+import argparse
+import logging
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pymerge.eval import build_experts, load_task  # noqa: E402
+from pymerge.eval.harness import (DEFAULT_GRIDS, DEFAULT_LEARNED, Variant, run_evaluation,  # noqa: E402
+                                  suite_from_experts)
+from pymerge.eval.report import write_reports  # noqa: E402
+
+TASKS = ("rt_polarity", "rt_subjectivity", "debates_party", "bbc_news", "vader_tweets", "vader_nyt")
+BASE = {**DEFAULT_LEARNED["divmerge"], "granularity": "layer", "divergence": "js"}
+# name -> (options over BASE, start); start as pymerge.eval.harness.Variant.start
+CONFIGS = {
+    "default": ({}, None),
+    "lr0.05": ({"lr": 0.05}, None),
+    "lr0.1": ({"lr": 0.1}, None),
+    "steps400": ({"steps": 400}, None),
+    "temp2": ({"temperature": 2.0}, None),
+    "from-ta": ({}, "task_arithmetic"),
+    "from-cart": ({}, "cart"),
+    "from-cart-lr0.05": ({"lr": 0.05}, "cart"),
+    "task-level": ({"granularity": "task"}, None),
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--sizes", default="6")
+    ap.add_argument("--subsets-per-size", type=int, default=1)
+    ap.add_argument("--configs", default="default,lr0.05,from-cart")
+    ap.add_argument("--test-limit", type=int, default=500)
+    ap.add_argument("--validation-limit", type=int, default=100)
+    ap.add_argument("--unlabelled", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=BASE["steps"], help="steps of every configuration without its own")
+    ap.add_argument("--out", default="divmerge-study")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown config(s) {unknown}; known: {', '.join(CONFIGS)}")
+    tasks = [load_task(n) for n in args.tasks.split(",")]
+    experts = build_experts(tasks)
+    suite = suite_from_experts(experts, tasks)
+    rows = [Variant("task_arithmetic", "task_arithmetic", {}, dict(DEFAULT_GRIDS["task_arithmetic"])),
+            Variant("cart", "cart", {}, dict(DEFAULT_GRIDS["cart"]))]
+    for n in names:
+        opts, start = CONFIGS[n]
+        rows.append(Variant(f"divmerge-{n}", "divmerge", {**BASE, "steps": args.steps, **opts}, start=start, note=n))
+    t0 = time.perf_counter()
+    result = run_evaluation(suite, rows, tuple(int(s) for s in args.sizes.split(",")),
+                            subsets_per_size=args.subsets_per_size, test_limit=args.test_limit,
+                            validation_limit=args.validation_limit, unlabelled_per_task=args.unlabelled)
+    write_reports(result, args.out, command=" ".join(["python benchmarks/divmerge_study.py", *sys.argv[1:]]))
+    print(f"\n{'subset':60s} {'row':28s} {'test ANP':>8s} {'gap closed':>10s} {'valid ANP':>9s} {'merge s':>8s}")
+    for r in result.rows:
+        print(f"{'+'.join(r.subset):60s} {r.variant:28s} {100 * r.anp:8.1f} {100 * r.gap_closed:9.1f}% "
+              f"{100 * (r.validation_anp or float('nan')):9.1f} {r.merge_seconds or 0:8.1f}")
+    print(f"\n{time.perf_counter() - t0:.0f} s; reports in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
