@@ -1,6 +1,7 @@
 """CART merge: pymerge vs a faithful re-implementation of the official CART merge (JH-GEECS/CART src/merging.py).
 
     python benchmarks/methods_cart.py [--case all|real|block-flat|synthetic] [--no-anp] [--quick | --full] [--threads N]
+    real case: [--tasks a,b,..] [--ratios 0.02,0.08] [--tols 0.1,0.2] (more tol rows, each with its ANP)
 
 Fidelity cases (first, --case real / block-flat; 1 thread, process CPU time, best of 2):
  real: CART on the 6 cached all-MiniLM-L6-v2 experts of pymerge.eval (REAL_TASKS: full fine-tunes, built by
@@ -314,19 +315,20 @@ def _merged_distance(merged, exact, base, keys):
     return (num / den) ** 0.5
 
 
-def case_real(repeat, evaluate_anp=True):
+def case_real(repeat, evaluate_anp=True, tasks_names=REAL_TASKS, ratios=REAL_RATIOS, tols=()):
     """CART on the 6 cached all-MiniLM-L6-v2 experts (pymerge.eval, full fine-tunes of 6 text tasks), per rank
     ratio: the official merge (full SVD per task and key, fp32), pymerge's default, tol = 1e-2, and the former
     default (power_iters = 2, l = 1.5 k) as a labelled extra; difference vs the float64 exact merge, and ANP
-    (mean over tasks of the merged body + that task's expert head, divided by the expert's own accuracy)."""
+    (mean over tasks of the merged body + that task's expert head, divided by the expert's own accuracy).
+    tasks_names / ratios: which experts and rank ratios (--tasks / --ratios); tols: more tol values as rows."""
     import pymerge
     from pymerge.eval import Backbone, build_experts, classifier_state, evaluate, load_task
     from pymerge.methods.cart import select_low_rank_keys
     backbone = Backbone.default()
-    tasks = {name: load_task(name) for name in REAL_TASKS}
+    tasks = {name: load_task(name) for name in tasks_names}
     experts = build_experts(list(tasks.values()), backbone=backbone)
     base = backbone.body_state()
-    models = [experts[name].body_state() for name in REAL_TASKS]
+    models = [experts[name].body_state() for name in tasks_names]
     keys = select_low_rank_keys(base)
     base64, models64 = ({k: v.double() for k, v in base.items()},
                         [{k: v.double() for k, v in m.items()} for m in models])
@@ -334,22 +336,23 @@ def case_real(repeat, evaluate_anp=True):
     def anp(body):
         accs = [evaluate(classifier_state({k: v.float() for k, v in body.items()}, experts[n].head_state()),
                          tasks[n], "test", backbone=backbone, max_length=experts[n].settings.max_length)
-                / experts[n].accuracy["test"] for n in REAL_TASKS]
+                / experts[n].accuracy["test"] for n in tasks_names]
         return sum(accs) / len(accs)
 
     rows = []
-    for ratio in REAL_RATIOS:
+    for ratio in ratios:
         exact = official_cart.merge(base64, models64, rank_ratio=ratio, lam=LAM, selected=keys)
         anp_exact = anp(exact) if evaluate_anp else float("nan")
         t_off, _ = _cpu_best(lambda: official_cart.merge(base, models, rank_ratio=ratio, lam=LAM, selected=keys),
                              repeat)
         variants = (("pymerge default", {}, True), (f"pymerge tol={TOL_TIGHT:g}", {"tol": TOL_TIGHT}, True),
+                    *((f"pymerge tol={tol:g}", {"tol": tol}, True) for tol in tols),
                     ("former default (power_iters=2) [extra]", {"power_iters": 2}, False))
         for label, kw, with_anp in variants:
             t, merged = _cpu_best(lambda: pymerge.merge("cart", base, models, rank_ratio=ratio, lam=LAM, seed=SEED,
                                                         **kw), repeat)
             d_anp = (anp(merged) - anp_exact) * 100 if evaluate_anp and with_anp else float("nan")
-            rows.append(dict(case=f"MiniLM real x6, ratio {ratio}", variant=label, t_off=t_off, t=t,
+            rows.append(dict(case=f"MiniLM real x{len(tasks_names)}, ratio {ratio}", variant=label, t_off=t_off, t=t,
                              diff=_merged_distance(merged, exact, base, keys), d_anp=d_anp, anp_exact=anp_exact))
             print(f"  {rows[-1]['case']}: {label}: {t:.2f} s (official {t_off:.2f} s), diff {rows[-1]['diff']:.1e}, "
                   f"ANP diff {d_anp:+.2f} points", flush=True)
@@ -431,6 +434,9 @@ def main(argv):
                     help="real: the 6 MiniLM experts; block-flat: the flat-tail 7B block; synthetic: the former cases; "
                     "keys: per-key routes of the fidelity control (iteration / Gram / default / official)")
     ap.add_argument("--no-anp", action="store_true", help="real case: skip the accuracy evaluation")
+    ap.add_argument("--tasks", default=",".join(REAL_TASKS), help="real case: the experts merged (comma-separated)")
+    ap.add_argument("--ratios", default=",".join(map(str, REAL_RATIOS)), help="real case: rank ratios")
+    ap.add_argument("--tols", default="", help="real case: more tol values, each a row with its ANP")
     ap.add_argument("--full", action="store_true", help="complete baseline on the 7B block (~30+ min)")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per implementation on MiniLM (best kept)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -450,7 +456,10 @@ def main(argv):
               f"{os.getloadavg()[0]:.1f}", flush=True)
         fid = []
         if args.case in ("all", "real"):
-            fid += case_real(args.repeat if args.repeat != 3 else 2, evaluate_anp=not args.no_anp)
+            fid += case_real(args.repeat if args.repeat != 3 else 2, evaluate_anp=not args.no_anp,
+                             tasks_names=tuple(args.tasks.split(",")),
+                             ratios=tuple(float(r) for r in args.ratios.split(",")),
+                             tols=tuple(float(t) for t in args.tols.split(",") if t))
         if args.case in ("all", "block-flat"):
             fid += case_block_flat()
         print()
