@@ -34,7 +34,7 @@ from .fusionbench import (BaseAlgorithm, BaseModelPool, _as_pool, _into_copy, _k
                           auto_register_config)
 from ..methods import get as get_method
 from ..methods.adamerging import adamerging
-from ..methods.divmerge import EXAMPLES_PER_TASK, divmerge
+from ..methods.divmerge import DEFAULT_LR as DIVMERGE_LR, EXAMPLES_PER_TASK, divmerge
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,8 @@ class DivMergeAlgorithm(_LearnedAlgorithm):
     def __init__(self, data_split: str = "train", examples_per_task: Optional[int] = None,
                  shuffle_examples: bool = True, input_keys: Optional[List[str]] = None,
                  label_keys: List[str] = LABEL_KEYS, granularity: str = "layer", divergence: str = "js",
-                 lr: float = 1e-2, max_steps: Optional[int] = None, epochs: int = 4, batch_size: Optional[int] = None,
+                 lr: float = DIVMERGE_LR, max_steps: Optional[int] = None, epochs: int = 4,
+                 batch_size: Optional[int] = None,
                  seed: int = 0, task_specific_keys: Optional[str] = None, temperature: float = 1.0, beta: float = 0.5,
                  init: Optional[float] = None, start: str = "pretrained",
                  merging_weights_save_path: Optional[str] = None, pymerge_options: Optional[Dict[str, Any]] = None,
