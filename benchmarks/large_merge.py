@@ -5,7 +5,8 @@ simply reading the inputs once; the 2-process torchrun split for cart. One threa
                                                 # vocab 32000, 2 layers), + the same at 4 layers for the memory check
     python benchmarks/large_merge.py --quick    # 4 fine-tunes of a ~0.33 GB one (half widths), + 4 layers
     options: --dir DIR (where the models go; default /tmp/pymerge-large-merge), --keep (leave them), --no-mergekit,
-             --no-torchrun, --no-growth (skip the second model size), --methods task_arithmetic,ties,cart
+             --no-torchrun, --no-growth (skip the second model size), --methods task_arithmetic,ties,cart,
+             --repeat N (warm runs of the read and of task_arithmetic, median reported; default 3)
 
 What is measured, per command (a fresh child process; its whole process tree for torchrun):
 - wall time; peak RSS (VmHWM, the kernel's own high-water mark, largest process of the tree) and peak RssAnon
@@ -191,6 +192,60 @@ def _io(pid):
     except (OSError, KeyError, ValueError):
         return None
 
+# The fused weighted sum of task_arithmetic alone (pymerge.ops.center_task_vectors, bf16 in, bf16 out) over every
+# key of the memory-mapped inputs, one thread: what one core streams through the arithmetic, without start-up,
+# checks or output. Prints the kernel's seconds.
+KERNEL = """import sys, time, torch
+torch.set_num_threads(1)
+from pymerge.io import open_model
+from pymerge.ops import center_task_vectors
+models = [open_model(d) for d in sys.argv[1:]]
+T = len(models) - 1
+c = [1 - 0.3 * T] + [0.3] * T
+spent = 0.0
+for key in models[0].keys():
+    xs = [m[key] for m in models]
+    if not xs[0].is_floating_point():
+        continue
+    t = time.perf_counter()
+    center_task_vectors(xs, c, return_centered=False)
+    spent += time.perf_counter() - t
+    for m in models:
+        m.release([key])
+print(spent)
+"""
+
+# What two processes can gain on this machine at all: the same fixed fp32 GEMM work (one thread), one copy alone
+# and two copies at once; the ceiling of any 2-process speed-up is 2 x (one alone) / (both at once).
+GEMM = """import time, torch
+torch.set_num_threads(1)
+a = torch.randn(1024, 1024); b = torch.randn(1024, 1024)
+t = time.perf_counter()
+for _ in range(300):
+    a @ b
+print(time.perf_counter() - t)
+"""
+
+
+def median_run(run, repeat):
+    """run() `repeat` times; the run of median wall time (all wall times printed): a warm page cache still
+    leaves the reclaim and write-back of other runs' pages as noise of +-20% on this VM."""
+    runs = sorted((run() for _ in range(repeat)), key=lambda r: r["wall"])
+    if repeat > 1:
+        walls = ", ".join(f"{r['wall']:.2f}" for r in runs)
+        print(f"    wall times: {walls} s", flush=True)
+    return runs[len(runs) // 2]
+
+
+def two_process_ceiling(env):
+    """(seconds of one GEMM copy alone, seconds of two copies run at once, ceiling speed-up)."""
+    def run(n):
+        procs = [subprocess.Popen([sys.executable, "-c", GEMM], env=env, stdout=subprocess.PIPE, text=True)
+                 for _ in range(n)]
+        return max(float(p.communicate()[0]) for p in procs)
+    alone, both = run(1), run(2)
+    return alone, both, 2 * alone / both
+
 
 def measure(cmd, env=None, cwd=None):
     """Run cmd; {wall, rc, peak_rss, peak_anon, peak_anon_proc, disk_read, disk_write, out}."""
@@ -288,6 +343,9 @@ def main():
     ap.add_argument("--no-torchrun", action="store_true")
     ap.add_argument("--no-growth", action="store_true")
     ap.add_argument("--methods", default="task_arithmetic,ties,cart")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="warm runs of the read and of task_arithmetic (the median is reported; each run's wall "
+                    "time is printed)")
     args = ap.parse_args()
     size = dict(QUICK if args.quick else FULL)
     methods = args.methods.split(",")
@@ -342,7 +400,8 @@ def main():
         reader = [py, "-c", READER, *map(str, files)]
         evict(files)
         cold_read = report("read all inputs once (cold)", measure(reader, env), inputs)
-        warm_read = report("read all inputs once (warm)", measure(reader, env), inputs)
+        warm_read = report(f"read all inputs once (warm, median of {args.repeat})",
+                           median_run(lambda: measure(reader, env), args.repeat), inputs)
         for method in (methods if not tag else ["task_arithmetic"]):
             glob, per = METHOD_PARAMS[method]
             cfg = config_yaml(work / f"{method}.yaml", method, dirs, glob, per)
@@ -352,10 +411,22 @@ def main():
                 r = report(f"pymerge {method} (cold)", measure(pymerge_cmd(cfg, out), env), inputs, out)
                 print(f"    cold: {r['wall'] / cold_read['wall']:.2f}x the cold read time", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
-            r = report(f"pymerge {method} (warm)", measure(pymerge_cmd(cfg, out), env), inputs, out)
+            repeat = args.repeat if method == "task_arithmetic" else 1
+
+            def warm_merge():
+                shutil.rmtree(out, ignore_errors=True)
+                return measure(pymerge_cmd(cfg, out), env)
+            r = report(f"pymerge {method} (warm{f', median of {repeat}' if repeat > 1 else ''})",
+                       median_run(warm_merge, repeat), inputs, out)
             print(f"    {r['wall'] / warm_read['wall']:.2f}x the warm read time; pymerge's own peak RSS "
                   f"{rss_from_summary(r)}", flush=True)
             if method == "task_arithmetic":
+                kernel = subprocess.run([py, "-P", "-c", KERNEL, *map(str, dirs)], env=env, capture_output=True,
+                                        text=True)
+                if kernel.returncode == 0:
+                    k = float(kernel.stdout.split()[-1])
+                    print(f"    the fused kernel alone over the mapped inputs: {k:.2f} s, {inputs / k / GB:.1f} GB/s "
+                          f"({k / warm_read['wall']:.2f}x the warm read time)", flush=True)
                 dry = report("pymerge --dry-run (start-up + checks)",
                              measure([py, "-P", "-m", "pymerge", "merge", str(cfg), "--dry-run", "--quiet"], env),
                              inputs)
@@ -375,6 +446,9 @@ def main():
                           f"{worst:.3g} (max |w| {scale:.3g}), {100 * frac:.4f}% of bf16 entries differ", flush=True)
                 shutil.rmtree(mk_out, ignore_errors=True)
             if method == "cart" and not args.no_torchrun:
+                alone, both, ceiling = two_process_ceiling(env)
+                print(f"    the machine's 2-process ceiling: one 1-thread GEMM loop {alone:.2f} s alone, two at once "
+                      f"{both:.2f} s: at most {ceiling:.2f}x from 2 processes", flush=True)
                 out2 = work / "pymerge-cart-torchrun2"
                 r2 = report("torchrun -n 2 pymerge cart (warm)", measure(torchrun_cmd(cfg, out2), env), inputs,
                             out2)
