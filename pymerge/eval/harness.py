@@ -31,7 +31,7 @@ from ..learn.batching import logits_of
 from ..methods import available
 from .experts import Backbone, collate, tokenize
 from .tasks import Task
-from .tuning import LEARNED, TunedRun, checked_sizes, grids_and_variants, mean
+from .tuning import LEARNED, SuiteResult, TunedRun, checked_sizes, grids_and_variants, mean
 
 logger = logging.getLogger("pymerge.eval")
 
@@ -242,27 +242,12 @@ class Row:
 
 
 @dataclass
-class EvalResult:
+class EvalResult(SuiteResult):
     rows: list
     experts: dict          # {task: {"test": acc, "validation": acc, "pretrained_test": acc, "source": ...}}
     config: dict
 
-    def sizes(self):
-        return sorted({r.size for r in self.rows})
-
-    def variants(self):
-        return list(dict.fromkeys(r.variant for r in self.rows))
-
-    def summary(self) -> dict:
-        """{(variant, size): {"anp", "gap_closed", "merge_seconds", "subsets"}}: means over the subsets."""
-        out = {}
-        for v in self.variants():
-            for s in self.sizes():
-                rows = [r for r in self.rows if r.variant == v and r.size == s]
-                if rows:
-                    out[v, s] = {"anp": mean(r.anp for r in rows), "gap_closed": mean(r.gap_closed for r in rows),
-                                 "merge_seconds": mean(r.merge_seconds for r in rows), "subsets": len(rows)}
-        return out
+    MEANS = ("anp", "gap_closed", "merge_seconds")
 
 
 # ------------------------------------------------------------------------------------------------ running

@@ -41,7 +41,7 @@ from ..methods import available, get as method_spec
 from .harness import DEFAULT_GRIDS, Variant, subsets, variants
 from .lm_data import Domain, encode, pad_id, token_nll
 from .lm_experts import LMBase, load_lm_state, safetensors_shapes, safetensors_state
-from .tuning import LEARNED, TunedRun, checked_sizes, grids_and_variants, mean
+from .tuning import LEARNED, SuiteResult, TunedRun, checked_sizes, grids_and_variants, mean
 
 logger = logging.getLogger("pymerge.eval")
 
@@ -141,29 +141,12 @@ class LMRow:
 
 
 @dataclass
-class LMEvalResult:
+class LMEvalResult(SuiteResult):
     rows: list
     experts: dict   # {domain: {"test_ppl", "validation_ppl", "base_test_ppl", "test_texts", "test_tokens", ...}}
     config: dict
 
-    def sizes(self):
-        return sorted({r.size for r in self.rows})
-
-    def variants(self):
-        return list(dict.fromkeys(r.variant for r in self.rows))
-
-    def summary(self) -> dict:
-        """{(variant, size): {"rps", "gain_kept", "gap_closed", "merge_seconds", "subsets"}}: means over the
-        subsets."""
-        out = {}
-        for v in self.variants():
-            for s in self.sizes():
-                rows = [r for r in self.rows if r.variant == v and r.size == s]
-                if rows:
-                    out[v, s] = {"rps": mean(r.rps for r in rows), "gain_kept": mean(r.gain_kept for r in rows),
-                                 "gap_closed": mean(r.gap_closed for r in rows),
-                                 "merge_seconds": mean(r.merge_seconds for r in rows), "subsets": len(rows)}
-        return out
+    MEANS = ("rps", "gain_kept", "gap_closed", "merge_seconds")
 
 
 # ------------------------------------------------------------------------------------------------ running

@@ -24,6 +24,28 @@ def mean(values):
     return sum(values) / len(values) if values else float("nan")
 
 
+class SuiteResult:
+    """What both suites' results (harness.EvalResult, lm_harness.LMEvalResult: dataclasses with rows, experts,
+    config) answer alike; MEANS names the row fields summary() averages over subsets."""
+    MEANS: tuple = ()
+
+    def sizes(self):
+        return sorted({r.size for r in self.rows})
+
+    def variants(self):
+        return list(dict.fromkeys(r.variant for r in self.rows))
+
+    def summary(self) -> dict:
+        """{(variant, size): {each of MEANS, "subsets"}}: means over the subsets."""
+        out = {}
+        for v in self.variants():
+            for s in self.sizes():
+                rows = [r for r in self.rows if r.variant == v and r.size == s]
+                if rows:
+                    out[v, s] = {**{f: mean(getattr(r, f) for r in rows) for f in self.MEANS}, "subsets": len(rows)}
+        return out
+
+
 def _default(method, name):
     return next(p.default for p in method_spec(method).params if p.name == name)
 
