@@ -150,19 +150,9 @@ def pymerge_params(shared):
 
 
 # ------------------------------------------------------------------------------------------- mergekit-yaml
-@pytest.mark.parametrize("case", list(CASES))
-def test_mergekit_yaml_equals_pymerge_merge_on_every_key(llama, tmp_path, case):
-    per_model, shared = CASES[case]
-    method = method_of(case)
-    out = run_yaml(tmp_path, config_text(llama, pm.mergekit_name(method), per_model, shared),
-                   "--no-write-model-card")
-    assert_equal_dicts(load_file(out / "model.safetensors"),
-                       reference(llama, method, per_model, pymerge_params(shared)))
-
-
-@pytest.mark.parametrize("case", ["iso_cts", "dare_ties"])
-def test_mergekit_yaml_at_two_threads_equals_pymerge_merge(llama, tmp_path, case):
-    torch.set_num_threads(2)                       # restored by one_thread
+@pytest.mark.parametrize("case,threads", [(c, 1) for c in CASES] + [("iso_cts", 2), ("dare_ties", 2)])
+def test_mergekit_yaml_equals_pymerge_merge_on_every_key(llama, tmp_path, case, threads):
+    torch.set_num_threads(threads)                 # restored by one_thread
     per_model, shared = CASES[case]
     method = method_of(case)
     out = run_yaml(tmp_path, config_text(llama, pm.mergekit_name(method), per_model, shared),
