@@ -390,7 +390,7 @@ def test_scores_of_two_experts(domains, base, tmp_path):
     ta = by["task_arithmetic"]
     assert ta.gap_closed == 0 and w.gap_closed == pytest.approx((w.rps - ta.rps) / (1 - ta.rps))
     # task arithmetic's λ was chosen on validation: a grid point, with its validation RPS recorded
-    assert ta.params["lam"] in lh.DEFAULT_GRIDS["task_arithmetic"]["lam"] and not math.isnan(ta.validation_rps)
+    assert ta.params["lam"] in lh.DEFAULT_LM_GRIDS["task_arithmetic"]["lam"] and not math.isnan(ta.validation_rps)
 
 
 def test_divmerge_runs_the_causal_lm_path_with_cached_teachers(domains, base, tmp_path,

@@ -20,7 +20,7 @@ domains d; ppl = perplexity on the first `test_limit` test texts of d, lm_data.d
       expert 1.
   gap closed = (RPS - RPS_TA) / (1 - RPS_TA), TA = task arithmetic at its tuned λ (as the text suite's).
 
-Static methods with a grid (harness.DEFAULT_GRIDS) are tuned on the validation split (highest validation RPS,
+Static methods with a grid (DEFAULT_LM_GRIDS) are tuned on the validation split (highest validation RPS,
 ties to the first grid point). DivMerge runs its causal-LM path (methods/divmerge.py): each expert greedily
 continues prompts made of the start of `unlabelled_per_domain` train texts (at most half of each text, at
 most `prompt_tokens` tokens), its top-k teacher rows are cached on disk (pymerge.teachers), and Γ is learned
@@ -38,7 +38,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..methods import available, get as method_spec
-from .harness import DEFAULT_GRIDS, Variant, subsets, variants
+from .harness import Variant, subsets, variants
 from .lm_data import Domain, encode, pad_id, token_nll
 from .lm_experts import LMBase, load_lm_state, safetensors_shapes, safetensors_state
 from .tuning import LEARNED, SuiteResult, TunedRun, checked_sizes, grids_and_variants, mean
@@ -50,6 +50,13 @@ DEFAULT_LM_LEARNED = {"divmerge": {"steps": 100, "max_new_tokens": 32, "top_k": 
 DEFAULT_LM_UNLABELLED = 100   # train texts per domain whose starts are DivMerge's prompts
 DEFAULT_PROMPT_TOKENS = 32
 REFERENCE_ROWS = ("expert", "base")
+# The text suite's grids (harness.DEFAULT_GRIDS) widened upward: on LM experts the reduced run chose task
+# arithmetic's and CART's largest λ (docs/RESULTS.md "The generative suite").
+DEFAULT_LM_GRIDS = {
+    "task_arithmetic": {"lam": (0.3, 0.5, 0.7, 1.0, 1.5)},
+    "ties": {"lam": (0.6, 1.0, 1.4, 2.0)},
+    "cart": {"lam": (1.0, 2.0, 3.0), "rank_ratio": (0.04, 0.08, 0.16)},
+}
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -118,7 +125,8 @@ def lm_variants(methods: Sequence[str], *, with_variants: bool = True, grids: Ma
         raise ValueError(f"{', '.join(unsupported)} does not merge causal LMs (the generative suite's methods: "
                          f"{', '.join(lm_kinds)})")
     options = {m: {**DEFAULT_LM_LEARNED.get(m, {}), **((learned or {}).get(m, {}))} for m in LEARNED}
-    return variants(methods, with_variants=with_variants, grids=grids, learned=options)
+    return variants(methods, with_variants=with_variants, grids=DEFAULT_LM_GRIDS if grids is None else grids,
+                    learned=options)
 
 
 # ----------------------------------------------------------------------------------------------- results
@@ -228,14 +236,14 @@ def run_lm_evaluation(suite: LMSuite, rows: Sequence[Variant], subset_sizes: Seq
     """Merge and measure every variant on `subsets_per_size` seeded subsets of each size (see the module
     docstring). test_limit / validation_limit: the first N texts of each domain's test / validation split
     (None: all); unlabelled_per_domain, prompt_tokens: DivMerge's prompts; grids: {method: grid} (default
-    harness.DEFAULT_GRIDS); on_row(row): called as each subset's rows finish. Reports: pymerge.eval.report."""
+    DEFAULT_LM_GRIDS); on_row(row): called as each subset's rows finish. Reports: pymerge.eval.report."""
     names = list(suite.members)
     sizes = checked_sizes(subset_sizes, names, "domains")
     unknown = [v.method for v in rows
                if v.method in LEARNED and "causal-lm" not in method_spec(v.method).model_kinds]
     if unknown:
         raise ValueError(f"{', '.join(unknown)} does not merge causal LMs")
-    grids = DEFAULT_GRIDS if grids is None else grids
+    grids = DEFAULT_LM_GRIDS if grids is None else grids
     h = _Harness(suite, grids, seed, unlabelled_per_domain, prompt_tokens,
                  {"test": test_limit, "validation": validation_limit}, batch_size, device)
     experts = {}
