@@ -17,6 +17,9 @@ TORCH_LIBRARY(pymerge, m) {
   // Same for the implicit batch A[t] = thetas[t] - avg (never materialised); omega [T, n, l].
   m.def("randomized_svd_centered(Tensor[] thetas, Tensor avg, Tensor omega, int k, int power_iters) "
         "-> (Tensor, Tensor, Tensor)");
+  // The implicit batch's products alone: Xt [T, l, n] -> (A[t] X[t])^T [T, l, m], or with transpose
+  // Xt [T, l, m] -> (A[t]^T X[t])^T [T, l, n], A[t] = thetas[t] - avg, in fp32 (fp64 for fp64 thetas).
+  m.def("centered_matmul(Tensor[] thetas, Tensor avg, Tensor Xt, bool transpose) -> Tensor");
   // base + scale * sum_b U[b] diag(S[b]) V[b]^T as one GEMM with inner dimension B*k.
   m.def("low_rank_sum(Tensor U, Tensor S, Tensor V, float scale, Tensor? base) -> Tensor");
 

@@ -442,20 +442,25 @@ std::tuple<Tensor, Tensor, Tensor> randomized_svd_impl(const Tensor& A, const Te
   return run(*op, omega, k, power_iters);
 }
 
-std::tuple<Tensor, Tensor, Tensor> randomized_svd_centered_impl(at::TensorList thetas, const Tensor& avg,
-                                                                const Tensor& omega, int64_t k,
-                                                                int64_t power_iters) {
-  TORCH_CHECK_VALUE(!thetas.empty(), "randomized_svd_centered: thetas is empty (T = 0)");
-  TORCH_CHECK_VALUE(avg.dim() == 2, "randomized_svd_centered: avg must be [m, n], got ", avg.sizes());
-  const auto acc = acc_type(thetas[0].scalar_type());
+// The implicit batch thetas[t] - avg: T >= 1 float [m, n] matrices of one dtype on avg's device.
+void check_centered(at::TensorList thetas, const Tensor& avg, const char* op) {
+  TORCH_CHECK_VALUE(!thetas.empty(), op, ": thetas is empty (T = 0)");
+  TORCH_CHECK_VALUE(avg.dim() == 2, op, ": avg must be [m, n], got ", avg.sizes());
   for (size_t t = 0; t < thetas.size(); ++t) {
     check_float(thetas[t], "thetas[t]");
     TORCH_CHECK_VALUE(thetas[t].sizes() == avg.sizes() && thetas[t].scalar_type() == thetas[0].scalar_type() &&
                           thetas[t].device() == avg.device(),
-                      "randomized_svd_centered: thetas[", t, "] is ", thetas[t].sizes(), " ",
-                      thetas[t].scalar_type(), " on ", thetas[t].device(), "; expected ", avg.sizes(), " ",
-                      thetas[0].scalar_type(), " on ", avg.device());
+                      op, ": thetas[", t, "] is ", thetas[t].sizes(), " ", thetas[t].scalar_type(), " on ",
+                      thetas[t].device(), "; expected ", avg.sizes(), " ", thetas[0].scalar_type(), " on ",
+                      avg.device());
   }
+}
+
+std::tuple<Tensor, Tensor, Tensor> randomized_svd_centered_impl(at::TensorList thetas, const Tensor& avg,
+                                                                const Tensor& omega, int64_t k,
+                                                                int64_t power_iters) {
+  check_centered(thetas, avg, "randomized_svd_centered");
+  const auto acc = acc_type(thetas[0].scalar_type());
   const int64_t T = static_cast<int64_t>(thetas.size()), m = avg.size(0), n = avg.size(1);
   check_omega(omega, T, n, k, avg.device());
   TORCH_CHECK_VALUE(omega.size(2) <= std::min(m, n), "randomized_svd_centered: l = ", omega.size(2),
@@ -465,6 +470,31 @@ std::tuple<Tensor, Tensor, Tensor> randomized_svd_centered_impl(at::TensorList t
   // perturb theta - avg by eps * |avg|, large next to small centered task vectors.
   auto op = make_operand(thetas.vec(), avg.to(acc).contiguous());
   return run(*op, omega, k, power_iters);
+}
+
+// The implicit batch's two products alone (the same fused, blocked GEMMs as run() uses), for callers that run
+// their own iteration on it: Xt [T, l, n] -> Yt [T, l, m] = (A[t] X[t])^T, or with transpose
+// Xt [T, l, m] -> Zt [T, l, n] = (A[t]^T X[t])^T; in the accumulation type.
+Tensor centered_matmul_impl(at::TensorList thetas, const Tensor& avg, const Tensor& Xt, bool transpose) {
+  check_centered(thetas, avg, "centered_matmul");
+  const auto acc = acc_type(thetas[0].scalar_type());
+  const int64_t T = static_cast<int64_t>(thetas.size()), m = avg.size(0), n = avg.size(1);
+  const int64_t in = transpose ? m : n, out_len = transpose ? n : m;
+  TORCH_CHECK_VALUE(Xt.dim() == 3 && Xt.size(0) == T && Xt.size(2) == in, "centered_matmul: Xt must be [T = ", T,
+                    ", l, ", in, "], got ", Xt.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(Xt.scalar_type()) && Xt.device() == avg.device(),
+                    "centered_matmul: Xt must be floating point on ", avg.device(), ", got ", Xt.scalar_type(),
+                    " on ", Xt.device());
+  const Tensor X = Xt.to(acc).contiguous();
+  Tensor out = at::empty({T, Xt.size(1), out_len}, X.options());
+  if (Xt.size(1) == 0) return out;
+  auto op = make_operand(thetas.vec(), avg.to(acc).contiguous());
+  if (transpose) {
+    op->bwd(X, out);
+  } else {
+    op->fwd(X, out);
+  }
+  return out;
 }
 
 // ------------------------------------------------------------------------------------------ low_rank_sum
@@ -615,6 +645,11 @@ std::tuple<Tensor, Tensor, Tensor> randomized_svd_centered_cuda(at::TensorList t
   return randomized_svd_centered_impl(thetas, avg, omega, k, power_iters);
 }
 
+Tensor centered_matmul_cuda(at::TensorList thetas, const Tensor& avg, const Tensor& Xt, bool transpose) {
+  const c10::cuda::CUDAGuard guard(avg.device());
+  return centered_matmul_impl(thetas, avg, Xt, transpose);
+}
+
 Tensor low_rank_sum_cuda(const Tensor& U, const Tensor& S, const Tensor& V, double scale,
                          const std::optional<Tensor>& base) {
   check_low_rank(U, S, V, base);
@@ -650,6 +685,7 @@ std::unique_ptr<Operand> make_operand(std::vector<Tensor> thetas, Tensor avg) {
 TORCH_LIBRARY_IMPL(pymerge, CPU, m) {
   m.impl("randomized_svd", &pymerge::rsvd::randomized_svd_impl);
   m.impl("randomized_svd_centered", &pymerge::rsvd::randomized_svd_centered_impl);
+  m.impl("centered_matmul", &pymerge::rsvd::centered_matmul_impl);
   m.impl("low_rank_sum", &pymerge::rsvd::low_rank_sum_cpu);
 }
 
@@ -657,6 +693,7 @@ TORCH_LIBRARY_IMPL(pymerge, CPU, m) {
 TORCH_LIBRARY_IMPL(pymerge, CUDA, m) {
   m.impl("randomized_svd", &pymerge::rsvd::randomized_svd_cuda);
   m.impl("randomized_svd_centered", &pymerge::rsvd::randomized_svd_centered_cuda);
+  m.impl("centered_matmul", &pymerge::rsvd::centered_matmul_cuda);
   m.impl("low_rank_sum", &pymerge::rsvd::low_rank_sum_cuda);
 }
 #endif

@@ -225,6 +225,18 @@ def randomized_svd_centered(thetas, avg, omega, k, q):
     return _run(list(thetas), avg.to(acc), omega, k, q)
 
 
+def centered_matmul(thetas, avg, Xt, transpose):
+    """The implicit batch's products alone: Xt [T, l, n] -> (A[t] X[t])^T [T, l, m], or with transpose
+    Xt [T, l, m] -> (A[t]^T X[t])^T [T, l, n], A[t] = thetas[t] - avg, in the accumulation dtype."""
+    acc = torch.float64 if thetas[0].dtype == torch.float64 else torch.float32
+    m, n = avg.shape
+    X = Xt.to(acc)
+    out = torch.empty(X.shape[0], X.shape[1], n if transpose else m, dtype=acc, device=X.device)
+    if X.shape[1]:
+        (_bwd if transpose else _fwd)(list(thetas), avg.to(acc), X, out)
+    return out
+
+
 def low_rank_sum(U, S, V, scale, base):
     """base + scale * sum_b U[b] diag(S[b]) V[b]^T: U [B, m, k], S [B, k], V [B, n, k], base [m, n] or None."""
     B, m, k = U.shape

@@ -61,6 +61,14 @@ def randomized_svd_centered(thetas, avg, omega, k, power_iters):
     return randomized_svd(A, omega, k, power_iters)
 
 
+def centered_matmul(thetas, avg, Xt, transpose):
+    """(A[t] X[t])^T = Xt[t] A[t]^T ([T, l, n] -> [T, l, m]), or with transpose (A[t]^T X[t])^T = Xt[t] A[t]
+    ([T, l, m] -> [T, l, n]), A[t] = thetas[t] - avg materialised, in the accumulation dtype."""
+    acc = accumulation_dtype(thetas[0].dtype)
+    A = [theta.to(acc) - avg.to(acc) for theta in thetas]
+    return torch.stack([Xt[t].to(acc) @ (a if transpose else a.mT) for t, a in enumerate(A)])
+
+
 def low_rank_sum(U, S, V, scale, base=None):
     """base + scale * sum_b U[b] diag(S[b]) V[b]^T. U [B, m, k], S [B, k], V [B, n, k]; base [m, n] or None."""
     acc = accumulation_dtype(U.dtype)

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pymerge.ops import Centered, low_rank_sum, randomized_svd
+from pymerge.ops import Centered, centered_matmul, low_rank_sum, randomized_svd
 from pymerge.ops.backend import extension_loaded
 
 from backend_lists import kernel_backends, op_backends
@@ -342,6 +342,43 @@ def test_centered_weights_avg_and_inputs(backend):
     Ct = Centered([t.T.contiguous().T for t in thetas], avg=avg)
     got_t = randomized_svd(Ct, 3, seed=2, backend=backend)
     assert rel(recon(*got_t), recon(*got)) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_centered_matmul_matches_float64(backend, dtype, transpose):
+    """A[t] @ X[t] (or A[t]^T @ X[t]) of the implicit batch == the float64 product of the exactly centered
+    matrices, for every input layout; the result is a transposed view of contiguous storage."""
+    T, m, n, l = 3, 37, 29, 7
+    thetas = _thetas(T, m, n, dtype, seed=11, offset=2.0, spread=0.05)
+    C = Centered(thetas)
+    A64 = torch.stack([t.double() for t in thetas]) - C.avg.double()
+    gen = torch.Generator().manual_seed(5)
+    X = torch.randn(T, m if transpose else n, l, generator=gen, dtype=torch.float64)
+    want = (A64.mT if transpose else A64) @ X
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    # the centered entries are ~2.5% of |theta|: fp32 products of fp32 avg keep ~1e-6 of the product
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for Xin in (X.to(acc), X.to(acc).mT.contiguous().mT, X.to(dtype)):
+        got = centered_matmul(C, Xin, transpose=transpose, backend=backend)
+        assert got.dtype == acc and got.shape == want.shape and got.mT.is_contiguous()
+        ref = (A64.mT if transpose else A64) @ Xin.double()
+        assert rel(got, ref) <= tol
+    assert centered_matmul(C, X[..., :0], transpose=transpose, backend=backend).shape == (T, want.shape[1], 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_centered_matmul_errors(backend):
+    C = Centered(_thetas(2, 6, 4, torch.float32, seed=1))
+    with pytest.raises(ValueError, match=r"X must be \[T = 2, 4, l\] for A of shape \(2, 6, 4\), got \(2, 6, 3\)"):
+        centered_matmul(C, torch.randn(2, 6, 3), backend=backend)
+    with pytest.raises(ValueError, match=r"X must be \[T = 2, 6, l\] .*\(transpose\), got \(3, 6, 3\)"):
+        centered_matmul(C, torch.randn(3, 6, 3), transpose=True, backend=backend)
+    with pytest.raises(ValueError, match=r"X must be a float Tensor"):
+        centered_matmul(C, torch.ones(2, 4, 3, dtype=torch.int64), backend=backend)
+    with pytest.raises(ValueError, match=r"A must be a Centered, got Tensor"):
+        centered_matmul(torch.randn(2, 6, 4), torch.randn(2, 4, 3), backend=backend)
 
 
 # -------------------------------------------------------------------------------------------- errors

@@ -75,6 +75,15 @@ def _rsvd_centered(backend):
     return _svd_result(thetas - thetas.double().mean(0), U, S, V)
 
 
+def _centered_matmul(backend, transpose):
+    # the implicit batch's products alone (CART's fidelity iteration on large keys); GEMM blocking follows the
+    # thread count, so the results agree to fp32 rounding, not bitwise
+    T, m, n, l = 3, 384, 192, 96
+    thetas = torch.randn(T, m, n, generator=_gen(6)).bfloat16()
+    X = torch.randn(T, m if transpose else n, l, generator=_gen(7))
+    return ops.centered_matmul(ops.Centered(list(thetas)), X, transpose=transpose, backend=backend)
+
+
 def _low_rank_sum(backend):
     g = _gen(4)
     U, S, V = torch.randn(3, 384, 8, generator=g), torch.rand(3, 8, generator=g), torch.randn(3, 192, 8, generator=g)
@@ -102,6 +111,8 @@ def _op_cases():
             cases[f"center_task_vectors[{be},{str(dtype)[6:]}]"] = (lambda be=be, dt=dtype: _center(be, dt), EXACT)
         cases[f"randomized_svd[{be}]"] = (lambda be=be: _rsvd_explicit(be), SVD_OP)
         cases[f"randomized_svd_centered[{be}]"] = (lambda be=be: _rsvd_centered(be), SVD_OP)
+        for tr in (False, True):
+            cases[f"centered_matmul[{be},transpose={tr}]"] = (lambda be=be, tr=tr: _centered_matmul(be, tr), SVD_OP)
         cases[f"low_rank_sum[{be}]"] = (lambda be=be: _low_rank_sum(be), EXACT)
         for kind in ("js", "kl", "entropy"):
             cases[f"{kind}_divergence[{be}]" if kind != "entropy" else f"entropy[{be}]"] = (
@@ -138,7 +149,18 @@ def _method_cases():
              for name in methods.available()}
     # CART at a rank where its Centered randomized SVD factors Y [384, 144] (crashed before the fix), T = 2
     cases["cart[rank=96,T=2]"] = (lambda: _merge("cart", T=2, rank=96), SVD_METHOD)
+    # CART's fidelity iteration through the implicit centered operator (the route of keys too large to center)
+    cases["cart[implicit]"] = (_cart_implicit, SVD_METHOD)
     return cases
+
+
+def _cart_implicit():
+    from pymerge.methods import cart
+    saved, cart.MATERIALIZE_BYTES = cart.MATERIALIZE_BYTES, 0
+    try:
+        return _merge("cart", T=3, rank=24, tol=1e-2)
+    finally:
+        cart.MATERIALIZE_BYTES = saved
 
 
 def cases():

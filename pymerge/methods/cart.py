@@ -29,12 +29,12 @@ given): per key, subspace iteration with Rayleigh-Ritz on l = k + max(10, k) col
 estimate once theta is within tol of exact CART's merged weights relative to the merged task vector,
 ||theta - theta_exact||_F <= tol ||theta_exact - theta_0||_F (see adaptive_factors and docs/METHODS.md §CART,
 "Fidelity"; the exact SVD takes over where the iteration does not contract or the sketch spans min(m, n)).
-Keys small enough (T*m*n*4 bytes <= MATERIALIZE_BYTES) are centered explicitly and iterated in plain torch
-(DenseIteration), or, where a cost model says it is cheaper (GRAM_EIGH, gram_passes), get exact factors from
-the eigendecomposition of their small Gram matrices (gram_factors: "exact where exact is cheap"), which is also
-their fallback once the iteration would cost more; larger ones go through the implicit Centered(thetas, avg) operator of
-pymerge.ops.randomized_svd (start=V continues the iteration; OpIteration), the centered matrices never
-materialised. Each key is seeded by key_seed(seed, key name): a key's merged value is bitwise the same whatever
+Keys small enough (T*m*n*4 bytes <= MATERIALIZE_BYTES) are centered explicitly and iterated with plain torch
+GEMMs, or, where a cost model says it is cheaper (GRAM_EIGH, gram_passes), get exact factors from the
+eigendecomposition of their small Gram matrices (gram_factors: "exact where exact is cheap"), which is also
+their fallback once the iteration would cost more; larger ones iterate through the implicit Centered(thetas,
+avg) operator (pymerge.ops.centered_matmul: the kernels' fused centering GEMMs), the centered matrices never
+materialised; the same SubspaceIteration either way. Each key is seeded by key_seed(seed, key name): a key's merged value is bitwise the same whatever
 keys are merged with it (max_group_bytes, key order, subsets; tests/test_methods_seeding.py).
 With power_iters = q given instead (and always with energy): one pymerge.ops.randomized_svd call per key
 (Halko-Martinsson-Tropp, l = k + oversample columns, oversample None = max(10, k // 2), q power iterations), no
@@ -65,7 +65,7 @@ import torch
 from ..ops import Centered, center_task_vectors, low_rank_sum
 from . import cart_factors as factors
 from .cart_factors import (DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, DEFAULT_RANK_RATIO, GRAM_FP64_BELOW,  # noqa: F401
-                           DenseIteration, OpIteration, adaptive_factors, adaptive_oversampling, exact_factors,
+                           SubspaceIteration, adaptive_factors, adaptive_oversampling, exact_factors,
                            gram_factors, low_rank_factors, randomized_factors, ratio_rank)
 from .params import BACKEND_PARAM, Param, finite_number, int_at_least, integer, number_in, regex_list
 from .spec import KeyGroup, MethodSpec, key_seed
@@ -296,7 +296,7 @@ def _factor_key(name, A, avg, theta0, k, p, tol, implicit, total_sq, exact, gram
         result = f, merge(*f), {"steps": 0, "estimate": 0.0, "exact": True}
     else:
         seed = key_seed(p["seed"], name)
-        iteration = OpIteration(A, l, seed, p["backend"]) if implicit else DenseIteration(A, l, seed)
+        iteration = SubspaceIteration(A, l, seed, p["backend"])
         result = adaptive_factors(iteration, k, p["lam"], merge, theta0, lambda: exact(k) if implicit else gram(k),
                                   tol, max_passes=budget)
     info = result[2]
@@ -380,7 +380,8 @@ SPEC = MethodSpec(
         Param("svd", "randomized", "randomized (pymerge.ops.randomized_svd) or exact (torch.linalg.svd)", type=str,
               choices=("randomized", "exact")),
         Param("tol", None, "fidelity: merged weights within tol of exact CART, relative to the merged task vector "
-              "||merged_exact - theta_0||_F, by an a-posteriori estimate (iterations adapt to the spectrum); in "
+              "||merged_exact - theta_0||_F, by an a-posteriori estimate (iterations adapt to the spectrum), before the "
+              "result is rounded to its output dtype (bf16 storage alone can exceed a small tol); in "
               f"(0, 1); None = {DEFAULT_TOL} unless power_iters is given (svd='randomized' with rank / rank_ratio)",
               check=number_in(0, 1, low_open=True, high_open=True)),
         Param("oversample", DEFAULT_OVERSAMPLE, "randomized SVD oversampling p (l = k + p columns); None = "

@@ -4,8 +4,8 @@ the rank-k factors U [.., m, k], S [.., k], V [.., n, k] of one key's T centered
   exact_factors       torch.linalg.svd, truncated (svd="exact"; energy ranks from the full spectrum)
   gram_factors        exact, from the eigendecomposition of the smaller Gram matrix ("exact where exact is cheap")
   randomized_factors  pymerge.ops.randomized_svd with a fixed number of power iterations (power_iters, energy)
-  adaptive_factors    the fidelity control tol: subspace iteration (DenseIteration on a materialised batch,
-                      OpIteration through the implicit Centered operator) stopped by an a-posteriori estimate,
+  adaptive_factors    the fidelity control tol: subspace iteration (SubspaceIteration, on a materialised batch
+                      or through the implicit Centered operator) stopped by an a-posteriori estimate,
                       within a cost budget (gram_passes / expected_passes: when to take the Gram route instead)
 and low_rank_factors, the fixed-route entry point (svd="exact" or a fixed number of power iterations) for callers
 that want one factorisation call (static CART's default route is chosen per key in cart.py, _factor_key).
@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..dtypes import accumulation_dtype
-from ..ops import randomized_svd
+from ..ops import Centered, centered_matmul, randomized_svd
 
 DEFAULT_RANK_RATIO = 0.08
 # Fixed-iteration randomized SVD (power_iters given, energy mode, learned start="cart"): l = 1.5 k columns
@@ -162,33 +162,28 @@ def randomized_factors(A, total_sq, m, n, k, energy, oversample, power_iters, se
 
 
 # ------------------------------------------------------------------------------------- fidelity control (tol)
-class OpIteration:
-    """Subspace iteration on A (a Centered or any tensor) through pymerge.ops.randomized_svd: the first call
-    draws the key's seeded test matrix and runs START_ITERS power iterations; each step continues from the
-    previous right Ritz vectors (start=V, power_iters=0: 2 passes over A, the fused centering kernels for a
-    Centered, then the op's Rayleigh-Ritz SVD). Each call returns all l Ritz triplets (U, S, V)."""
+class SubspaceIteration:
+    """Subspace iteration with Rayleigh-Ritz on l columns over one key's T centered matrices A, seen only through
+    its two products: a materialised [T, m, n] batch (plain torch GEMMs, for small keys: MiniLM-L6's 384 x 384,
+    1536 x 384) or a Centered (pymerge.ops.centered_matmul: the fused centering GEMMs of the kernels, the T
+    centered matrices never materialised). One step from orthonormal V [T, n, l]: Y = A V; Rayleigh-Ritz through
+    the l x l Gram Y^T Y = W diag(S^2) W^T (eigh, fp64): U = Y W / S, V W, S; then the next V = orth(A^T U) by
+    Cholesky QR (fp64 Gram; A^T U ~ V diag(S) is conditioned like S_1 / S_l, Householder QR where Cholesky
+    fails). 2 passes over A per step, and O((m + n) l^2) of GEMM-shaped work besides: the op's randomized_svd
+    (Householder QR of both l-column bases and an SVD per call) cost ~1.5x more per step on a 2048 x 2048 key
+    at l = 326 (0.82 vs 0.55 s, T = 8, 1 thread). The start draws the key's seeded Gaussian test matrix as
+    pymerge.ops.randomized_svd does and applies A^T A once (START_ITERS more times), 3 passes in all."""
 
-    def __init__(self, A, l, seed, backend):
+    def __init__(self, A, l, seed, backend="auto"):
         self.A, self.l, self.seed, self.backend = A, l, seed, backend
+        self.implicit = isinstance(A, Centered)
+        self.acc = accumulation_dtype(A.dtype)
 
-    def start(self):
-        return randomized_svd(self.A, self.l, oversample=0, power_iters=START_ITERS, seed=self.seed,
-                              backend=self.backend)
+    def _fwd(self, V):
+        return centered_matmul(self.A, V, backend=self.backend) if self.implicit else self.A @ V
 
-    def step(self, U, S, V):
-        return randomized_svd(self.A, self.l, power_iters=0, start=V, backend=self.backend)
-
-
-class DenseIteration:
-    """The same subspace iteration on a materialised [T, m, n] batch in plain torch, lean enough for small keys
-    (MiniLM-L6: 384 x 384, 1536 x 384), where the op's per-call work (LU / QR factorisations of every iterate,
-    the small SVD through a QR) costs more than its two GEMMs. One step from orthonormal V [T, n, l]:
-    Y = A V; Rayleigh-Ritz through the l x l Gram Y^T Y = W diag(S^2) W^T (eigh, fp64): U = Y W / S, V W, S;
-    then the next V = orth(A^T U) by Cholesky QR (fp64 Gram; A^T U ~ V diag(S) is conditioned like S_1 / S_l,
-    Householder QR where Cholesky fails). Same test matrix as the op for the key's seed."""
-
-    def __init__(self, A, l, seed):
-        self.A, self.l, self.seed = A, l, seed
+    def _bwd(self, U):
+        return centered_matmul(self.A, U, transpose=True, backend=self.backend) if self.implicit else self.A.mT @ U
 
     def _orth(self, Z):
         R, info = torch.linalg.cholesky_ex((Z.mT @ Z).double())
@@ -197,7 +192,7 @@ class DenseIteration:
         return torch.linalg.solve_triangular(R.mT.to(Z.dtype), Z, upper=True, left=False)
 
     def _rayleigh_ritz(self, V):
-        Y = self.A @ V
+        Y = self._fwd(V)
         ev, W = torch.linalg.eigh((Y.mT @ Y).double())
         S = ev.flip(-1).clamp_min(0).sqrt()
         W = W.flip(-1).to(Y.dtype)
@@ -207,14 +202,14 @@ class DenseIteration:
     def start(self):
         T, m, n = self.A.shape
         gen = torch.Generator().manual_seed(self.seed)
-        omega = torch.randn(T, self.l, n, generator=gen, dtype=torch.float32).to(self.A).mT
-        Z = self.A.mT @ (self.A @ omega)
+        omega = torch.randn(T, self.l, n, generator=gen, dtype=torch.float32).to(self.acc).to(self.A.device).mT
+        Z = self._bwd(self._fwd(omega))
         for _ in range(START_ITERS):
-            Z = self.A.mT @ (self.A @ torch.linalg.qr(Z).Q)
+            Z = self._bwd(self._fwd(torch.linalg.qr(Z).Q))
         return self._rayleigh_ritz(torch.linalg.qr(Z).Q)
 
     def step(self, U, S, V):
-        return self._rayleigh_ritz(self._orth(self.A.mT @ U))
+        return self._rayleigh_ritz(self._orth(self._bwd(U)))
 
 
 def adaptive_factors(iteration, k, lam, merge, theta0, exact_fallback, tol, max_passes=float("inf")):
@@ -222,8 +217,7 @@ def adaptive_factors(iteration, k, lam, merge, theta0, exact_fallback, tol, max_
     CART's merged weights relative to the merged task vector, by an a-posteriori estimate (docs/METHODS.md
     §CART, "Fidelity"). Returns ((U, S, V) truncated to k, merged, info).
 
-    iteration: an OpIteration or DenseIteration (subspace iteration with Rayleigh-Ritz on l columns, 2
-    passes over A per step). After each step the merged weights M_j = theta_avg + lam sum_t U_t S_t V_t^T are
+    iteration: a SubspaceIteration (Rayleigh-Ritz on l columns, 2 passes over A per step). After each step the merged weights M_j = theta_avg + lam sum_t U_t S_t V_t^T are
     formed (merge(U, S, V): one GEMM of inner dimension T k) and their change c_j = ||M_j - M_(j-1)||_F
     measured; the remaining error ||M_j - M_exact|| is estimated as c_j rho / (1 - rho), the tail of a
     geometric series, with rho the larger of the measured ratio c_j / c_(j-1) and the subspace-iteration rate

@@ -1,4 +1,5 @@
-"""randomized_svd (Halko-Martinsson-Tropp), its implicit centered form, and low_rank_sum."""
+"""randomized_svd (Halko-Martinsson-Tropp), its implicit centered form, the implicit batch's products
+(centered_matmul), and low_rank_sum."""
 from typing import Optional, Sequence, Union
 
 import torch
@@ -192,6 +193,41 @@ def _dispatch(be, A, omega, k, q, centered):
     return torch.ops.pymerge.randomized_svd(A, omega, k, q)
 
 
+def centered_matmul(A: Centered, X: torch.Tensor, *, transpose: bool = False, backend: str = "auto"):
+    """The products of the implicit centered batch, for callers that run their own iteration on it:
+    A[t] @ X[t] (X [T, n, l] -> [T, m, l]) or, with transpose, A[t]^T @ X[t] (X [T, m, l] -> [T, n, l]),
+    A[t] = thetas[t] - avg never materialised (the fused, blocked GEMMs randomized_svd runs on a Centered).
+
+    X: any float dtype and strides. The result is in the accumulation dtype (fp32; fp64 for fp64 thetas) and is
+    a transposed view of contiguous [T, l, m] storage, LAPACK's column-major layout: an X that is such a view
+    (X.mT contiguous) is read without a copy. Raises ValueError for an A that is not a Centered, or an X of
+    the wrong shape, dtype or device.
+    """
+    op = "centered_matmul"
+    if not isinstance(A, Centered):
+        raise ValueError(f"{op}: A must be a Centered, got {type(A).__name__}")
+    T, m, n = A.shape
+    inner = m if transpose else n
+    if not isinstance(X, torch.Tensor) or X.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: X must be a float Tensor (fp16/bf16/fp32/fp64), got "
+                         f"{getattr(X, 'dtype', type(X).__name__)}")
+    if X.dim() != 3 or X.shape[0] != T or X.shape[1] != inner:
+        raise ValueError(f"{op}: X must be [T = {T}, {inner}, l] for A of shape {(T, m, n)}"
+                         f"{' (transpose)' if transpose else ''}, got {tuple(X.shape)}")
+    if X.device != A.device:
+        raise ValueError(f"{op}: X is on {X.device} but A is on {A.device}")
+    be = resolve(backend, A.device, op)
+    Xt = X.mT
+    if be == "reference":
+        out = reference.centered_matmul(A.thetas, A.avg, Xt, transpose)
+    elif be == "triton":
+        from pymerge.kernels import randomized_svd as triton_rsvd
+        out = triton_rsvd.centered_matmul(A.thetas, A.avg, Xt, transpose)
+    else:
+        out = torch.ops.pymerge.centered_matmul(A.thetas, A.avg, Xt, transpose)
+    return out.mT
+
+
 def low_rank_sum(U, S, V, scale: float = 1.0, base: Optional[torch.Tensor] = None, *, backend: str = "auto"):
     """base + scale * sum_b U[b] diag(S[b]) V[b]^T, as one GEMM with inner dimension B*k.
 
@@ -240,6 +276,11 @@ if extension_loaded():
     @torch.library.register_fake("pymerge::randomized_svd_centered")
     def _(thetas, avg, omega, k, power_iters):
         return _fake_svd(len(thetas), avg.shape[0], avg.shape[1], k, avg)
+
+    @torch.library.register_fake("pymerge::centered_matmul")
+    def _(thetas, avg, Xt, transpose):
+        return avg.new_empty((len(thetas), Xt.shape[1], avg.shape[1] if transpose else avg.shape[0]),
+                             dtype=accumulation_dtype(thetas[0].dtype))
 
     @torch.library.register_fake("pymerge::low_rank_sum")
     def _(U, S, V, scale, base):
