@@ -14,7 +14,8 @@ Fidelity cases (first, --case real / block-flat; 1 thread, process CPU time, bes
  block-flat: the 7B-like block (BLOCK_7B_SHAPES, T = 8, bf16) with the flat tail measured on those experts
      (pymerge.synthetic.flat_tail_models, cached in /tmp/pymerge_bench_7b_flat.safetensors); official time
      EXTRAPOLATED from all 8 SVDs of q_proj and one of gate_proj; the difference on q_proj (exact merged weights
-     of that key from those 8 SVDs).
+     of that key from those 8 SVDs), both in float32 as computed (out_dtype=float32: tol bounds the computed
+     weights; storing them in bf16 adds ~2e-2 of the merged task vector for every route, printed as the floor).
 Per key (--case keys, alone): the fidelity control's routes on one flat-tailed MiniLM-shaped key of each shape,
 T = 6: subspace iteration, Gram route, the default's choice, the official merge (the data behind
 methods/cart_factors.py's cost model).
@@ -369,9 +370,13 @@ def case_block_flat():
     keys = list(SHAPES_7B)
     q, gate = "attn.q_proj.weight", "mlp.gate_proj.weight"
     t0 = time.process_time()
-    exact_q = official_cart.merge({q: base[q]}, [{q: m[q]} for m in models], rank_ratio=RANK_RATIO, lam=LAM,
-                                  selected=[q])
+    # the official merge of q_proj, kept in float32 (its merge() rounds to the models' bf16 at the end)
+    exact_q = {q: official_cart.merge_key(base[q], [m[q] for m in models], rank_ratio=RANK_RATIO, lam=LAM)}
     t_q = time.process_time() - t0
+    # tol bounds the merged weights as computed (float32); storing them in bf16 adds its own rounding, the same
+    # for every route: the floor below which no difference of stored bf16 weights can go
+    floor = _merged_distance({q: exact_q[q].to(base[q].dtype)}, exact_q, base, [q])
+    print(f"  bf16 storage floor of q_proj: {floor:.1e} of the merged task vector", flush=True)
     tm = {}
     official_subset_key(base[gate], [m[gate] for m in models], tm)
     t_gate = tm["center"] + T * (tm["svd"] + tm["recon"]) + tm["finish"]
@@ -381,7 +386,8 @@ def case_block_flat():
     rows = []
     for label, kw in (("pymerge default", {}), (f"pymerge tol={TOL_TIGHT:g}", {"tol": TOL_TIGHT})):
         t, merged = _cpu_best(lambda: pymerge.merge("cart", base, models, rank_ratio=RANK_RATIO, lam=LAM,
-                                                    seed=SEED, low_rank_keys=keys, **kw), 1)
+                                                    seed=SEED, low_rank_keys=keys, out_dtype=torch.float32,
+                                                    **kw), 1)
         rows.append(dict(case="7B block flat tail x8 (EXTRAPOLATED official)", variant=label, t_off=t_off, t=t,
                          diff=_merged_distance({q: merged[q]}, exact_q, base, [q]), d_anp=float("nan"),
                          anp_exact=float("nan")))
