@@ -169,9 +169,10 @@ class SubspaceIteration:
     centered matrices never materialised). One step from orthonormal V [T, n, l]: Y = A V; Rayleigh-Ritz through
     the l x l Gram Y^T Y = W diag(S^2) W^T (eigh, fp64): U = Y W / S, V W, S; then the next V = orth(A^T U) by
     Cholesky QR (fp64 Gram; A^T U ~ V diag(S) is conditioned like S_1 / S_l, Householder QR where Cholesky
-    fails). 2 passes over A per step, and O((m + n) l^2) of GEMM-shaped work besides: the op's randomized_svd
-    (Householder QR of both l-column bases and an SVD per call) cost ~1.5x more per step on a 2048 x 2048 key
-    at l = 326 (0.82 vs 0.55 s, T = 8, 1 thread). The start draws the key's seeded Gaussian test matrix as
+    fails). 2 passes over A per step, and O((m + n) l^2) of GEMM-shaped work besides (a step through the op's
+    randomized_svd(start=V) would add Householder QRs of both l-column bases and an SVD: LAPACK work that took
+    a third of the CPU time of a whole tol = 1e-2 merge of a 2048 x 2048 flat-tailed key, T = 8, l = 326, in
+    torch.profiler). The start draws the key's seeded Gaussian test matrix as
     pymerge.ops.randomized_svd does and applies A^T A once (START_ITERS more times), 3 passes in all."""
 
     def __init__(self, A, l, seed, backend="auto"):
