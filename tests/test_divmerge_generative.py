@@ -311,6 +311,16 @@ def test_cache_dir_and_fingerprints(base, tmp_path, monkeypatch):
     assert teachers.data_fingerprint(["a", "b"]) != teachers.data_fingerprint(["ab"])
 
 
+def test_fingerprint_of_a_tensor_beyond_float32_indices():
+    """Sampled positions of a tensor above 2^24 entries (SmolLM2's 49152 x 576 embedding is 28.3M) stay in range,
+    and the last entry is one of them."""
+    t = torch.zeros(49152 * 576, dtype=torch.int8)
+    fp = teachers.model_fingerprint({"w": t})
+    t[-1] = 1
+    t[-2] = -1   # the checksum alone would not see +1 - 1; the sampled last entry does
+    assert teachers.model_fingerprint({"w": t}) != fp
+
+
 # ----------------------------------------------------------------------------------------------------------
 # end to end: DivMerge on causal LMs (teachers + pymerge.learn's optimiser) reduces the divergence
 # ----------------------------------------------------------------------------------------------------------

@@ -73,7 +73,10 @@ def model_fingerprint(model, samples: int = 64) -> str:
         flat = t.reshape(-1)
         if flat.numel() == 0:
             continue
-        idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+        # evenly spaced in integer arithmetic: a float32 linspace rounds indices above 2^24 (an embedding table
+        # of 49152 x 576 rounded its last one out of range)
+        count = min(samples, flat.numel())
+        idx = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
         h.update(_tensor_bytes(flat[idx]))
         h.update(repr(_bit_checksum(flat)).encode())
     return h.hexdigest()
