@@ -44,6 +44,13 @@ CONFIGS = {
     "from-cart": ({}, "cart"),
     "from-cart-lr0.05": ({"lr": 0.05}, "cart"),
     "task-level": ({"granularity": "task"}, None),
+    "kl": ({"divergence": "kl"}, None),
+    # one Γ per task and transformer layer (BERT-style key names) instead of per key: 6x fewer coefficients
+    "per-layer": ({"layer_groups": r"layer\.(\d+)\."}, None),
+    "kl-per-layer": ({"divergence": "kl", "layer_groups": r"layer\.(\d+)\."}, None),
+    # twice the examples per step: 8 per task (batch_size 8 T instead of the default 4 T; T = the one --sizes)
+    "batch8": ({"batch_per_task": 8}, None),
+    "kl-batch8": ({"divergence": "kl", "batch_per_task": 8}, None),
 }
 
 
@@ -57,6 +64,7 @@ def main(argv=None):
     ap.add_argument("--validation-limit", type=int, default=100)
     ap.add_argument("--unlabelled", type=int, default=200)
     ap.add_argument("--steps", type=int, default=BASE["steps"], help="steps of every configuration without its own")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the subsets and DivMerge's batch order")
     ap.add_argument("--out", default="divmerge-study")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -70,13 +78,20 @@ def main(argv=None):
     suite = suite_from_experts(experts, tasks)
     rows = [Variant("task_arithmetic", "task_arithmetic", {}, dict(DEFAULT_GRIDS["task_arithmetic"])),
             Variant("cart", "cart", {}, dict(DEFAULT_GRIDS["cart"]))]
+    sizes = tuple(int(s) for s in args.sizes.split(","))
     for n in names:
         opts, start = CONFIGS[n]
+        if "batch_per_task" in opts:
+            if len(sizes) != 1:
+                raise SystemExit(f"config {n} sets examples per task and step: give one --sizes")
+            opts = {k: v for k, v in opts.items() if k != "batch_per_task"} | {
+                "batch_size": opts["batch_per_task"] * sizes[0]}
         rows.append(Variant(f"divmerge-{n}", "divmerge", {**BASE, "steps": args.steps, **opts}, start=start, note=n))
     t0 = time.perf_counter()
-    result = run_evaluation(suite, rows, tuple(int(s) for s in args.sizes.split(",")),
+    result = run_evaluation(suite, rows, sizes,
                             subsets_per_size=args.subsets_per_size, test_limit=args.test_limit,
-                            validation_limit=args.validation_limit, unlabelled_per_task=args.unlabelled)
+                            validation_limit=args.validation_limit, unlabelled_per_task=args.unlabelled,
+                            seed=args.seed)
     write_reports(result, args.out, command=" ".join(["python benchmarks/divmerge_study.py", *sys.argv[1:]]))
     print(f"\n{'subset':60s} {'row':28s} {'test ANP':>8s} {'gap closed':>10s} {'valid ANP':>9s} {'merge s':>8s}")
     for r in result.rows:
