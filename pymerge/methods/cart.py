@@ -34,8 +34,9 @@ GEMMs, or, where a cost model says it is cheaper (GRAM_EIGH, gram_passes), get e
 eigendecomposition of their small Gram matrices (gram_factors: "exact where exact is cheap"), which is also
 their fallback once the iteration would cost more; larger ones iterate through the implicit Centered(thetas,
 avg) operator (pymerge.ops.centered_matmul: the kernels' fused centering GEMMs), the centered matrices never
-materialised; the same SubspaceIteration either way. Each key is seeded by key_seed(seed, key name): a key's merged value is bitwise the same whatever
-keys are merged with it (max_group_bytes, key order, subsets; tests/test_methods_seeding.py).
+materialised; the same SubspaceIteration either way. Each key is seeded by key_seed(seed, key name): a key's
+merged value is bitwise the same whatever keys are merged with it (max_group_bytes, key order, subsets;
+tests/test_methods_seeding.py).
 With power_iters = q given instead (and always with energy): one pymerge.ops.randomized_svd call per key
 (Halko-Martinsson-Tropp, l = k + oversample columns, oversample None = max(10, k // 2), q power iterations), no
 fidelity control: HMT 2011 (Thm 10.7/10.8, §9.4) bound the residual, E||A - Q Q^T A||_F <= (1 + k/(p-1))^(1/2)
@@ -380,8 +381,8 @@ SPEC = MethodSpec(
         Param("svd", "randomized", "randomized (pymerge.ops.randomized_svd) or exact (torch.linalg.svd)", type=str,
               choices=("randomized", "exact")),
         Param("tol", None, "fidelity: merged weights within tol of exact CART, relative to the merged task vector "
-              "||merged_exact - theta_0||_F, by an a-posteriori estimate (iterations adapt to the spectrum), before the "
-              "result is rounded to its output dtype (bf16 storage alone can exceed a small tol); in "
+              "||merged_exact - theta_0||_F, by an a-posteriori estimate (iterations adapt to the spectrum), "
+              "before the result is rounded to its output dtype (bf16 storage alone can exceed a small tol); in "
               f"(0, 1); None = {DEFAULT_TOL} unless power_iters is given (svd='randomized' with rank / rank_ratio)",
               check=number_in(0, 1, low_open=True, high_open=True)),
         Param("oversample", DEFAULT_OVERSAMPLE, "randomized SVD oversampling p (l = k + p columns); None = "
