@@ -219,13 +219,13 @@ def adaptive_factors(iteration, k, lam, merge, theta0, exact_fallback, tol, max_
     §CART, "Fidelity"). Returns ((U, S, V) truncated to k, merged, info).
 
     iteration: a SubspaceIteration (Rayleigh-Ritz on l columns, 2 passes over A per step). After each step the
-    merged weights M_j = theta_avg + lam sum_t U_t S_t V_t^T are formed (merge(U, S, V): one GEMM of inner
-    dimension T k) and their change c_j = ||M_j - M_(j-1)||_F measured; the remaining error ||M_j - M_exact||
-    is estimated as c_j rho / (1 - rho), the tail of a geometric series, with rho the larger of the measured ratio c_j / c_(j-1) and the subspace-iteration rate
-    max_t (S_l / S_k)^2 of the Ritz values. It stops when est (1 + tol) <= tol ||M_j - theta_0||_F: then
-    ||M_j - M_exact|| <= tol ||M_exact - theta_0|| whenever est bounds the error. When the iteration does not
-    contract (rho >= MAX_RATE), runs MAX_STEPS steps, or another step would take it past max_passes passes over
-    A (the start takes 3, each step 2), exact_fallback() (exact factors) is used."""
+    merged weights M_j = theta_avg + lam sum_t U_t S_t V_t^T are formed (merge(U, S, V): one GEMM of inner dimension
+    T k) and their change c_j = ||M_j - M_(j-1)||_F measured; the remaining error ||M_j - M_exact|| is estimated as
+    c_j rho / (1 - rho), the tail of a geometric series, with rho the larger of the measured ratio c_j / c_(j-1) and
+    the subspace-iteration rate max_t (S_l / S_k)^2 of the Ritz values. It stops when est (1 + tol) <= tol ||M_j -
+    theta_0||_F: then ||M_j - M_exact|| <= tol ||M_exact - theta_0|| whenever est bounds the error. When the
+    iteration does not contract (rho >= MAX_RATE), runs MAX_STEPS steps, or another step would take it past
+    max_passes passes over A (the start takes 3, each step 2), exact_fallback() (exact factors) is used."""
     info = {"steps": 0, "estimate": None, "exact": False}
     U, S, V = iteration.start()
     merged = merge(U[..., :k], S[..., :k], V[..., :k])
