@@ -365,7 +365,13 @@ def case_block_flat():
     bf16. pymerge (default, tol = 1e-2) on the whole block; the official merge on a subset: all 8 SVDs of
     attn.q_proj (4096 x 4096; also the exact merged weights of that key for the difference) and one SVD of
     mlp.gate_proj (14336 x 4096), EXTRAPOLATED to the 7 keys: 4 x the q_proj key + 3 x (centering + 8 x SVD)."""
+    import logging
+
     import pymerge
+    # each key's route, steps and error estimate (pymerge.cart's DEBUG line), so the passes behind a time are seen
+    log = logging.getLogger("pymerge.cart")
+    log.setLevel(logging.DEBUG)
+    log.addHandler(logging.StreamHandler(sys.stderr))
     base, models = block_inputs(flat=True)
     keys = list(SHAPES_7B)
     q, gate = "attn.q_proj.weight", "mlp.gate_proj.weight"
