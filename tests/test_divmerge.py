@@ -547,3 +547,21 @@ def test_bf16_models_keep_their_dtype_and_learn():
                          progress=False)
     assert r.coefficients.dtype == torch.float32 and r.state_dict["body.0.weight"].dtype == torch.bfloat16
     assert sum(r.losses[-5:]) < 0.8 * sum(r.losses[:5])
+
+
+def test_default_batch_is_eight_per_task_for_classifiers_and_four_for_causal_lms():
+    """batch_size=None: 8 examples per task and step for classification (chosen on validation, docs/RESULTS.md),
+    the paper's 4 per task for causal LMs; epochs then count passes over each task's examples."""
+    from pymerge.methods import divmerge as dm
+    assert dm.BATCH_PER_TASK == {"classification": 8, "causal-lm": 4}
+    torch.manual_seed(0)
+    base = TokenNet().to(torch.float64)
+    models = finetunes(base, 3)
+    data = token_data(3, n=48, batch=8)   # 48 examples per task
+    res = pymerge.divmerge(base, models, data, task_specific_keys=r"^head\.", epochs=2, teacher_cache=False,
+                           progress=False)
+    assert res.config["batch_size"] == 8 * 3
+    assert res.config["steps"] == len(res.losses) == 2 * 48 // 8   # 2 passes of 6 steps over 48 per task
+    explicit = pymerge.divmerge(base, models, data, task_specific_keys=r"^head\.", steps=2, batch_size=6,
+                                teacher_cache=False, progress=False)
+    assert explicit.config["batch_size"] == 6

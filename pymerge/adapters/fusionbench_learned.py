@@ -241,9 +241,10 @@ class DivMergeAlgorithm(_LearnedAlgorithm):
     Only inputs are read: (x, y) items give x; dict items their `input_keys` (None = the keys the model's
     forward takes) minus `label_keys`; texts are tokenized with the pool's tokenizer (load_tokenizer()).
     Config: granularity ("layer" | "task"), divergence ("js" | "kl"), lr, max_steps (None = epochs passes),
-    epochs, batch_size (examples per step over all tasks; None = 4 T), seed, task_specific_keys (a regex of keys
-    each task keeps, e.g. "^classifier\\."), temperature, beta, init, start ("pretrained" | "cart"),
-    merging_weights_save_path (Γ as JSON); pymerge_options: any other pymerge.divmerge option.
+    epochs, batch_size (examples per step over all tasks; None = 8 T, or 4 T for a causal LM), seed,
+    task_specific_keys (a regex of keys each task keeps, e.g. "^classifier\\."), temperature, beta, init, start
+    ("pretrained" | "cart"), merging_weights_save_path (Γ as JSON); pymerge_options: any other pymerge.divmerge
+    option.
     """
     FUNCTION = staticmethod(divmerge)
     FIELDS = {**_LEARNED_FIELDS, "divergence": "divergence", "beta": "beta", "start": "start"}
