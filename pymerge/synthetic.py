@@ -11,6 +11,9 @@ Each family is a base theta_0 and T fine-tunes theta_t = theta_0 + tau_t, drawn 
 - flat_tail_models(shapes, T): task vectors whose singular values follow MINILM_CENTERED_SPECTRUM, the
   normalised spectrum measured on real all-MiniLM-L6-v2 fine-tunes (a steep head, a long flat tail), bf16 (the
   realistic 7B block of the CART benchmark);
+- flat_task_vector_models(shapes, T): task vectors tau_t with exactly MINILM_TASK_SPECTRUM (the normalised
+  spectrum of real MiniLM fine-tunes' tau_t) on singular vectors correlated across tasks in general position,
+  float32 (TSV-M's flat-tailed keys in benchmarks/methods_svd.py --case flat);
 - gaussian_models(shapes, T): i.i.d. Gaussian task vectors, bf16 (a 7B-model key for TIES / task arithmetic);
 - decaying_matrix(m, n, g): one float64 matrix with exactly the singular values scale * decay^i (tests).
 Shapes: minilm_shapes(layers, hidden) (the BERT encoder of MiniLM-L6 at hidden 384), BLOCK_7B_SHAPES.
@@ -248,6 +251,55 @@ def flat_tail_models(shapes, T, *, seed=0, shape=MINILM_CENTERED_SPECTRUM, share
             models[t][key] = (b + size * tau).to(dtype)
             del tau
         del Qm, Qn, common
+    return base, models
+
+
+# The same for the task vectors themselves, tau_t = theta_t - theta_0 (what TSV-M takes per-task SVDs of), read at
+# the x of MINILM_CENTERED_SPECTRUM: the median over the 36 encoder matrices x 6 tasks of the six all-MiniLM-L6-v2
+# experts of benchmarks/methods_cart.py's REAL_TASKS (theta_0: the pretrained body), by measure_spectrum_shape.
+# At TSV-M's cut d = r / T (x = 1/6 .. 1/8) the spectrum is flat: median s_(d+1) / s_d = 0.990 (T = 6) / 0.988
+# (T = 8), and s_(2d+1) / s_d = 0.57 / 0.61 at a range finder of 2d columns.
+MINILM_TASK_SPECTRUM = (
+    MINILM_CENTERED_SPECTRUM[0],
+    (1.0, 0.5043, 0.3311, 0.2116, 0.18, 0.1295, 0.0988, 0.0787, 0.0668, 0.0573, 0.0424, 0.0315, 0.0249, 0.0191,
+     0.0141, 0.01, 0.0053, 0.0001),
+)
+
+
+def flat_task_vector_models(shapes, T, *, seed=0, shape=MINILM_TASK_SPECTRUM, overlap=0.30, rel_scale=0.03,
+                            dtype=torch.float32) -> Tuple[StateDict, List[StateDict]]:
+    """base and T fine-tuned state dicts of 2-D keys whose task vectors tau_t each have exactly the tabulated
+    singular-value shape (default: MINILM_TASK_SPECTRUM, measured on real MiniLM fine-tunes' tau_t), on singular
+    vectors that are correlated across tasks but in general position, in `dtype` (computed in float32).
+
+    Per key (m, n), r = min(m, n): theta_0 ~ N(0, 0.02^2); common orthonormal bases B_m [m, r], B_n [n, r];
+    per task Q_m = qr(sqrt(overlap) B_m + sqrt(1 - overlap) G / sqrt(m)) (G Gaussian; likewise Q_n), so task t's
+    i-th singular direction has a squared cosine of ~overlap with B's i-th; tau_t = c Q_m diag(s) Q_n^T with
+    s = spectrum_from_shape(r, shape), c = rel_scale ||theta_0||_F / ||s||. For TSV-M / Iso-CTS, whose
+    orthogonalisation depends on how the tasks' top subspaces overlap: flat_tail_models draws every task's
+    directions from one permuted basis, so two tasks' top subspaces share exact columns and the stacked
+    factors [U_1 .. U_T] are numerically singular (cond 1e8..1e10); here, at overlap 0.3 on MiniLM shapes
+    (T = 6), their cond is 1e3..1e4 as on the real experts (real: median 3e3..6e3 on the square side), and
+    TSV-M's randomized route lands as far from its exact one as on the typical real key (q = 4: ~1e-2; q = 8:
+    ~1e-4). Costs 2 QRs of an m x r / n x r matrix per task and key (4096 x 4096, T = 8: ~1-2 CPU minutes).
+    """
+    g = torch.Generator().manual_seed(seed)
+    base, models = {}, [dict() for _ in range(T)]
+    a, c = overlap ** 0.5, (1 - overlap) ** 0.5
+    for key, (m, n) in shapes.items():
+        r = min(m, n)
+        b = torch.randn(m, n, generator=g) * 0.02
+        s = spectrum_from_shape(r, shape).float()
+        s *= rel_scale * float(b.norm()) / float(s.norm())
+        Bm = torch.linalg.qr(torch.randn(m, r, generator=g)).Q
+        Bn = torch.linalg.qr(torch.randn(n, r, generator=g)).Q
+        base[key] = b.to(dtype)
+        for t in range(T):
+            Qm = torch.linalg.qr(torch.randn(m, r, generator=g).mul_(c / m ** 0.5).add_(Bm, alpha=a)).Q
+            Qn = torch.linalg.qr(torch.randn(n, r, generator=g).mul_(c / n ** 0.5).add_(Bn, alpha=a)).Q
+            models[t][key] = torch.addmm(b, Qm * s, Qn.mT).to(dtype)
+            del Qm, Qn
+        del Bm, Bn
     return base, models
 
 

@@ -271,7 +271,10 @@ def test_tsv_m_equals_pymerge_merge_and_the_formula(shape, T):
     got = F.tsv_m(tasks, alpha=0.7, key="proj.weight")
     assert torch.equal(got, one_key("tsv_m", tasks, "proj.weight", alpha=0.7, exclude_keys=()))
     exact = F.tsv_m(tasks, alpha=0.7, svd="exact")
-    torch.testing.assert_close(exact.double(), oracle_tsv_m(tasks, 0.7), rtol=1e-4, atol=1e-5)
+    # float32 against the float64 formula, so within the formula's own float32 rounding: with a nearly tied cut
+    # (s_d / s_(d+1) = 1.02 for one task here) that is up to ~1e-5 relative (entries up to ~4.4), in either SVD
+    # orientation (the exact route decomposes a wide tau_t as tau_t^T; measured 1e-6..9e-6 over seeds, either way)
+    torch.testing.assert_close(exact.double(), oracle_tsv_m(tasks, 0.7), rtol=1e-4, atol=1e-4)
     # Non-matrix tensors: alpha * the mean delta.
     vec, _ = make_tasks((7,), T, torch.float32)
     torch.testing.assert_close(F.tsv_m(vec, alpha=0.7), 0.7 * torch.stack(vec).mean(0), rtol=1e-6, atol=1e-7)

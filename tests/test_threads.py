@@ -7,7 +7,7 @@ segfaults, aborts or hangs, or carries on with a wrong basis); the randomized SV
 host code) factor one matrix at a time on the CPU instead.
 The computations run in child processes (this file run as a script), so a crash or a hang is a test failure
 carrying the child's stderr, not a dead test run; an MKL argument error on stderr fails too. Shapes reach the
-bug: 384 x 384 with l = 192 (the issue's call), tall 384 x 192 keys with batch >= 2 (tsv_m at its defaults on
+bug: 384 x 384 with l = 192 (the issue's call), tall 384 x 192 keys with batch >= 2 (tsv_m with svd="randomized" on
 T = 4 runs the issue's call), 200 x 100 for Triton (interpreted, slow); and they are large enough for the C++
 kernels' own at::parallel_for to split the work over both threads.
 Agreement: byte-identical where every element is computed by the same arithmetic whatever the thread count
@@ -122,7 +122,8 @@ def _op_cases():
 
 # --------------------------------------------------------------------------------------- method cases
 # Keys like MiniLM's (384-wide; tall 384 x 192), two of each shape so that the kernels see a batch, T = 4 models:
-# tsv_m at its defaults then runs the issue's randomized SVD (k = 96, l = 192 on the 384 x 384 keys).
+# tsv_m with svd="randomized" then runs the issue's randomized SVD (k = 96, l = 192 on the 384 x 384 keys; its
+# default svd="auto" takes the exact SVDs there and the randomized ones on the tall keys).
 SHAPES = {"embed.weight": (64, 32), "layer.0.attn.weight": (384, 384), "layer.0.attn.bias": (384,),
           "layer.0.ffn.weight": (384, 192), "layer.1.attn.weight": (384, 384), "layer.1.ffn.weight": (384, 192)}
 SVD_METHODS = ("tsv_m", "iso_c", "iso_cts", "cart")
@@ -147,6 +148,7 @@ def _merge(name, T=4, **params):
 def _method_cases():
     cases = {name: (lambda name=name: _merge(name), SVD_METHOD if name in SVD_METHODS else EXACT)
              for name in methods.available()}
+    cases["tsv_m[svd=randomized]"] = (lambda: _merge("tsv_m", svd="randomized"), SVD_METHOD)
     # CART at a rank where its Centered randomized SVD factors Y [384, 144] (crashed before the fix), T = 2
     cases["cart[rank=96,T=2]"] = (lambda: _merge("cart", T=2, rank=96), SVD_METHOD)
     # CART's fidelity iteration through the implicit centered operator (the route of keys too large to center)

@@ -258,13 +258,13 @@ class TSVMAlgorithm(_StaticAlgorithm):
     the merge, as FusionBench does (θ_t → θ_0 + alpha_t (θ_t − θ_0), then alpha = 1). exclude_keys: exact names of
     2-D keys merged by the mean of the task vectors; None = none, every 2-D key is a matrix (FusionBench's
     default; pymerge's own default leaves embeddings and heads out), unless pymerge_options gives pymerge's
-    exclude_keys (regexes). svd ("randomized" | "exact", FusionBench's route), seed: the per-task SVDs.
+    exclude_keys (regexes). svd ("auto" | "randomized" | "exact", FusionBench's route), seed: the per-task SVDs.
     return_single_task_models=True is not supported.
     """
     METHOD = "tsv_m"
 
     def __init__(self, alpha: Union[None, float, List[float]] = 1.0, exclude_keys: Optional[List[str]] = None,
-                 return_single_task_models: bool = False, svd: str = "randomized", seed: Optional[int] = 0,
+                 return_single_task_models: bool = False, svd: str = "auto", seed: Optional[int] = 0,
                  device: Optional[str] = None, pymerge_options: Optional[Dict[str, Any]] = None, **kwargs):
         super().__init__(**self._setup(kwargs))
 

@@ -10,18 +10,48 @@ Per 2-D key ("matrix key", m x n, r = min(m, n)) with task vectors tau_t = theta
 Non-matrix keys (not 2-D, or 2-D keys matching exclude_keys): theta_0 + alpha * mean_t tau_t.
 
 Cheapest route, and why it is correct:
-- Per-task truncated SVDs: svd="randomized" (default) runs pymerge.ops.randomized_svd on the implicit batch
-  Centered(thetas, avg=theta_0) = [tau_1 .. tau_T] (never materialised), rank d, oversample p, power_iters q:
-  about (2q + 2) m n (d + p) flops per task instead of a full SVD (~4 m n^2 + 22 n^3). Halko-Martinsson-Tropp
-  (2011, Thm 10.7/10.8, Sec. 9.4): E||tau - Q Q^T tau||_F <= (1 + d/(p - 1))^(1/2) (sum_{j>d} sigma_j^2)^(1/2) at
-  q = 0, and each singular subspace converges like (sigma_{d+p+1}/sigma_i)^(2q+1). TSV-M needs more than a good
-  rank-d approximation: the orthogonalisation below amplifies per-task subspace errors by about cond(X), which
-  is 1e4..1e5 when tasks share directions (measured on benchmarks/methods_svd.py's synthetic deltas). Hence the
-  defaults p = max(10, d) (a 2d-column range finder) and q = 4. Measured there (relative Frobenius difference
-  of the merged task vector from FusionBench's exact result; CPU-time speed-up over it): defaults 1.5e-3 at
-  2.2x on MiniLM-L6 shapes, 4.9e-3 at 2.4x on a 2048 x 2048 key; q = 6: 8e-5 at 2.0x; the usual p = 10, q = 2:
-  0.17 at 3.4x. tests/test_methods_tsv_iso.py holds the default to 1e-3 on sigma_i ~ 0.8^i spectra.
-  svd="exact": torch.linalg.svd of each tau_t (the official route, what FusionBench does).
+- Per-task truncated SVDs, svd="auto" (default): per key, whichever of the two routes below a cost model fitted
+  on a CPU (EXACT_SVD_NS, EXACT_TALL_SHARE, RANDOMIZED_SVD_NS, exact_svd_cheaper) says is cheaper. Both give
+  TSV-M's result: the randomized route at its defaults is <= 1e-2 from the exact one on every measured input
+  (below), the exact route is the official one.
+  svd="exact": torch.linalg.svd of each tau_t (the official route, what FusionBench does), of its tall
+  orientation (a wide tau_t is decomposed as tau_t^T: MKL is 2-3x faster there, 0.034 vs 0.066 s at 384 x 1536).
+  svd="randomized": pymerge.ops.randomized_svd on the implicit batch Centered(thetas, avg=theta_0) = [tau_1 ..
+  tau_T] (never materialised), rank d, range finder l = d + p columns, q power iterations: about (2q + 2) m n l
+  flops per task instead of a full SVD (~4 m n^2 + 22 n^3). Each singular subspace converges like
+  (sigma_(l+1) / sigma_i)^(2q+1) (Halko-Martinsson-Tropp 2011, Sec. 9.4), and TSV-M needs more than a good rank-d
+  approximation: the orthogonalisation below amplifies per-task subspace errors by about cond(X), 1e3..1e5
+  on real fine-tunes (the short-side factor, T d ~ r columns, is nearly square). Real task vectors have flat
+  spectra at the cut: on the six all-MiniLM-L6-v2 fine-tunes of benchmarks/methods_svd.py --case real,
+  median s_(d+1) / s_d 0.99 and s_(2d+1) / s_d 0.57 (0.46-0.72), so a power iteration at l = 2d gains ~0.35.
+  Hence the defaults p = max(10, d) (l = 2d) and q = 8. Measured (relative Frobenius difference of the merged
+  task vector from svd="exact", which is FusionBench's result up to float32 rounding: 2.9e-5 from it on the real
+  experts, where FusionBench's own float32 result is 2.3e-5 from its float64 one; 6.5e-6 on the flat keys):
+      q                     4        6        8        12
+      real MiniLM, T = 6    4.3e-2   3.6e-2   8.9e-4   3.2e-4   (one 1536 x 384 key: 0.18 / 0.19 / 9e-4 / 4e-5)
+      flat 2048^2, T = 8    1.9e-2   2.6e-3   3.9e-4   5.1e-5   (CPU s: 8.8 / 10.1 / 11.5 / 14.3; exact 20.3)
+      flat 5504 x 2048      4.8e-2   1.6e-3   2.3e-4   2.2e-5   (CPU s: 16.1 / 19.9 / 23.6 / 31.0; exact 30.8)
+      flat 4096^2           1.7e-2            3.5e-4   7.2e-5   (CPU s: 63 / - / 84 / 105; exact 148)
+  ("flat": pymerge.synthetic.flat_task_vector_models, every tau_t with the spectrum measured on those experts'
+  tau_t, T = 8; benchmarks/methods_svd.py --case flat [--full], where FusionBench is 6.5e-6 from exact.) So q = 8
+  is what both real and flat inputs need, at every size measured. Spending the same flops on a wider range
+  finder instead (p = 2d, q = 5; p = 3d, q = 3-4; on 2048^2) is as accurate but 10-40% slower (its QRs grow
+  with l^2). On the power-law spectra of benchmarks/methods_svd.py's synthetic case (with a gap at the cut)
+  q = 4 was already 1e-3..6e-3: those spectra hid the flat-tail problem. tests/test_methods_tsv_iso.py holds
+  the default within 2e-3 of exact on flat spectra (where q = 4 is 8e-3..2e-2 off) and svd="randomized" within
+  1e-3 on sigma_i ~ 0.8^i ones.
+  The cost model (1 thread, float32, torch 2.13 + MKL; benchmarks/methods_svd.py --case flat prints the routes):
+  exact ~ EXACT_SVD_NS r^2 (r + EXACT_TALL_SHARE (M - r)) ns per task (M = max(m, n)), randomized ~
+  RANDOMIZED_SVD_NS (2q + 2) M r l ns. For a square key at the defaults (l = 2r / T, q = 8) this picks exact
+  for T <= 4; for a 4:1 key (MLP) for T <= 7. Where the two costs are close (MiniLM, T = 6: 0.016 s exact vs
+  0.012 s randomized per task on a 384 x 384 key) either choice costs about the same; where they are not (T = 8
+  on 2048 x 2048: 2.2 s vs 1.0 s per task) the randomized route is ~2x faster per task and 1.8x on the key (the
+  polar SVDs below are shared by both routes): on the flat keys above the default is 1.81x / 1.30x / 1.77x
+  faster than svd="exact" (and FusionBench, as fast as exact there). On the real MiniLM fine-tunes (T = 6) it
+  takes the exact SVDs on the 1536 x 384 / 384 x 1536 keys and q = 8 on the 384 x 384 ones: 1.37x FusionBench's
+  speed at 7.6e-5 from it, equal accuracy (benchmarks/methods_svd.py --case real; the former default, q = 4
+  everywhere, was 4.3e-2 from it). On the power-law MiniLM-shaped synthetic deltas of --case synthetic (T = 8,
+  every key randomized) it is 1.30x at 4.2e-5 (the former default claimed 2.4x at 1.1e-3 there).
 - Orthogonalisation: Delta needs polar(X) and polar(Y) only (FusionBench: an SVD of each, then U V^T). The
   cheaper candidate is polar(X) = X (X^T X)^(-1/2) from the eigendecomposition of the small Gram matrix
   (m k^2 + O(k^3) flops instead of an SVD's ~4 m k^2 + 22 k^3), but the Gram squares the condition number
@@ -60,6 +90,15 @@ from .spec import KeyGroup, KeyInfo, MethodSpec, key_seed
 
 # polar via the Gram matrix is accepted when eps * cond(X)^2 stays below this (see the module doc).
 GRAM_MAX_ERROR = 1e-6
+
+# svd="auto"'s cost model (module doc), CPU seconds * 1e9 per unit, measured at 1 thread in float32 (torch 2.13,
+# MKL, AVX-512): torch.linalg.svd of a square r x r matrix takes 0.25-0.29 ns * r^3 at r = 384, 1024, 2048 (per
+# task, thin U and V); of a tall M x r one 0.27 ns * r^2 (r + 0.37 (M - r)) (1536 x 384: 0.032 s, 2048 x 512:
+# 0.073 s); pymerge.ops.randomized_svd on the Centered batch of T tasks 0.025-0.036 ns per (2q + 2) M r l and task
+# (r = 384..2048, l = 2d, q = 4..12; up to 0.05 when l = r, where the exact route wins anyway).
+EXACT_SVD_NS = 0.27
+EXACT_TALL_SHARE = 0.37
+RANDOMIZED_SVD_NS = 0.03
 
 
 # ------------------------------------------------------------------------------------ shared helpers
@@ -161,19 +200,37 @@ def _polar_gram(X):
     return (P if tall else P.mT), lam.sqrt()
 
 
+def exact_svd_cheaper(shape, l: int, power_iters: int) -> bool:
+    """svd="auto"'s route for a key of `shape`: True when T exact per-task SVDs cost no more than the randomized
+    route with a range finder of l columns and power_iters iterations (the cost model of the module doc; the
+    constants EXACT_SVD_NS, EXACT_TALL_SHARE, RANDOMIZED_SVD_NS). Both costs are per task, so T only enters
+    through l (= 2 int(r / T) at the default oversampling)."""
+    r, M = min(shape), max(shape)
+    exact = EXACT_SVD_NS * r * r * (r + EXACT_TALL_SHARE * (M - r))
+    randomized = RANDOMIZED_SVD_NS * (2 * power_iters + 2) * M * r * l
+    return exact <= randomized * (1 + 1e-9)     # a tie (a square key at T = 4) takes the exact route
+
+
 def top_task_svds(base: torch.Tensor, thetas: Sequence[torch.Tensor], k: int, acc: torch.dtype, *, svd: str,
                   oversample: int, power_iters: int, seed: Optional[int], key: str, backend: str):
     """Top-k singular triplets of every task vector tau_t = theta_t - theta_0 of one key.
 
-    Returns U [T, m, k], S [T, k], V [T, n, k] in acc. svd="exact": full thin SVD of each, one at a time;
-    svd="randomized": pymerge.ops.randomized_svd of the implicit batch Centered(thetas, theta_0), seeded per key.
+    Returns U [T, m, k], S [T, k], V [T, n, k] in acc. svd="exact": full thin SVD of each, one at a time (of
+    tau_t^T for a wide key, the faster orientation); svd="randomized": pymerge.ops.randomized_svd of the implicit
+    batch Centered(thetas, theta_0), seeded per key.
     """
     if svd == "exact":
         # One task at a time: peak memory one tau_t and its SVD, not T of them.
         b = base.to(acc)
+        wide = b.shape[0] < b.shape[1]
         Us, Ss, Vs = [], [], []
         for theta in thetas:
-            U, S, Vh = torch.linalg.svd(theta.to(acc) - b, full_matrices=False)
+            A = theta.to(acc) - b
+            # MKL's SVD of a row-major wide matrix is 2-3x slower than of its (tall) transpose: tau^T = V S U^T.
+            U, S, Vh = torch.linalg.svd(A.mT if wide else A, full_matrices=False)
+            if wide:
+                U, Vh = Vh.mT, U.mT
+            del A
             Us.append(U[:, :k])
             Ss.append(S[:k])
             Vs.append(Vh[:k].mT)
@@ -212,6 +269,8 @@ def tsv_m_matrix(key, base, thetas, *, alpha, svd, oversample, power_iters, seed
                          f"so int(r / T) = 0 singular vectors per task; add it to exclude_keys (merged by the mean)")
     if oversample is None:
         oversample = max(10, d)
+    if svd == "auto":
+        svd = "exact" if exact_svd_cheaper(base.shape, min(d + oversample, r), power_iters) else "randomized"
     U, S, V = top_task_svds(base, thetas, d, acc, svd=svd, oversample=oversample, power_iters=power_iters,
                             seed=seed, key=key, backend=backend)
     X, s, Y = drop_null_components(U, S, V, base.shape)
@@ -223,7 +282,7 @@ def tsv_m_matrix(key, base, thetas, *, alpha, svd, oversample, power_iters, seed
     return low_rank_sum(PX, s, PY, scale=alpha, base=base.to(acc), backend=backend)
 
 
-def merge_group(group: KeyGroup, *, alpha=1.0, svd="randomized", oversample=None, power_iters=4, seed=0,
+def merge_group(group: KeyGroup, *, alpha=1.0, svd="auto", oversample=None, power_iters=8, seed=0,
                 polar="auto", exclude_keys=DEFAULT_EXCLUDE_KEYS, backend="auto", _matrix=None) -> List[torch.Tensor]:
     acc = group.compute_dtype
     mask = group_matrix_mask("tsv_m", group, exclude_keys, _matrix)
@@ -266,7 +325,7 @@ SPEC = MethodSpec(
     params=(
         Param("alpha", 1.0, "scaling of the merged task vector (official / FusionBench default 1.0)",
               check=finite_number),
-        *svd_params("randomized", ("randomized", "exact"), 4, "max(10, d): the range finder holds 2d columns"),
+        *svd_params("auto", ("auto", "randomized", "exact"), 8, "max(10, d): the range finder holds 2d columns"),
         POLAR_PARAM,
         EXCLUDE_PARAM,
         BACKEND_PARAM,
