@@ -100,12 +100,12 @@ def gram_factors(A, k):
 # one pass of the iteration over an m x n matrix with l columns costs 2 m n l for the GEMM plus its share of the
 # Rayleigh-Ritz / orthonormalisation / merge work, ~3.5 (m + n) l^2 + 12.5 l^3; the Gram route 2 m n r for the
 # Gram matrix, GRAM_EIGH r^3 for torch.linalg.eigh and 2 m n k for U S, r = min(m, n). Measured by --case keys
-# (ms, iteration / Gram / official): 384 x 384 at k 30: 26 / 48 / 96; 1536 x 384 at k 30: 98 / 72 / 210;
-# 384 x 1536 at k 30: 126 / 69 / 372; 384 x 384 at k 61: 49 / 49 / 96; at k 7 the iteration (9-36 ms) wins;
-# the default took the cheaper route on all nine.
+# (ms, iteration to tol 0.05 / Gram / official): 384 x 384 at k 30: 35 / 49 / 94; 1536 x 384 at k 30: 112 / 70 /
+# 205; 384 x 1536 at k 30: 129 / 74 / 420; 384 x 384 at k 61: 70 / 51 / 99; at k 7 the iteration (14-48 ms)
+# wins; the default took the cheaper route on eight of the nine (384 x 384 at k 30: the Gram route, 48 ms).
 GRAM_EIGH = 3.6
 # The Gram route is taken up front when it costs no more than the passes the iteration is expected to need for
-# tol: the start's 3 and 2 per step, log(tol) / log(EXPECTED_RATE) steps, EXPECTED_RATE being the contraction
+# tol: the start's 3 and 2 per step, the whole steps j with EXPECTED_RATE^j <= tol, EXPECTED_RATE being the contraction
 # (s_l / s_k)^2 at l = 2 k of the spectrum measured on real MiniLM-L6 fine-tunes (0.40-0.43 at rank ratios
 # 0.02-0.16; pymerge.synthetic.MINILM_CENTERED_SPECTRUM). Otherwise the iteration runs and hands over to the
 # Gram route before it would pass that route's cost. Either way the result is within tol (or exact).
@@ -119,7 +119,9 @@ GRAM_FP64_BELOW = 1e-3
 
 
 def expected_passes(tol):
-    return 3 + 2 * math.log(tol) / math.log(EXPECTED_RATE)
+    """Passes over A the iteration is expected to need for tol: the start's 3 and 2 per step, for the whole
+    steps in which EXPECTED_RATE^j reaches tol (the stop test waits for that at the Ritz rate: ESTIMATE_SAFETY)."""
+    return 3 + 2 * math.ceil(math.log(tol) / math.log(EXPECTED_RATE) - 1e-9)
 
 
 def gram_passes(m, n, k, l):
