@@ -340,7 +340,9 @@ def main():
     s = setup(args)
     setup_s = time.process_time() - c0
     lengths = [len(x) for ids in s["ids"] for x in ids]
-    print(f"MiniLM-L6 (22.7M params), T={args.tasks} tasks, layer-level JS, {args.steps} steps of 4 x T examples, "
+    from pymerge.methods.divmerge import BATCH_PER_TASK
+    print(f"MiniLM-L6 (22.7M params), T={args.tasks} tasks, layer-level JS, {args.steps} steps of "
+          f"{BATCH_PER_TASK['classification']} x T examples (the default batch), "
           f"{args.examples} examples per task ({s['source']}; {min(lengths)}-{max(lengths)} tokens, mean "
           f"{sum(lengths) / len(lengths):.1f}), {threads_label(threads)}; setup (not timed) {setup_s:.1f} s CPU")
     runner = Floor(s)
