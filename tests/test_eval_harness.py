@@ -342,3 +342,11 @@ def test_model_dirs_errors_name_the_directory(backbone_dir, tmp_path, tasks, exp
         hn.suite_from_model_dirs(backbone_dir, {"t3": dirs["t0"]}, [three])
     with pytest.raises(ValueError, match="not a Hugging Face model directory"):
         hn.suite_from_model_dirs(backbone_dir, {"t0": tmp_path}, tasks[:1])
+
+
+def test_plot_colours_stay_distinct_beyond_the_default_cycle():
+    """A suite with every method has 11+ rows: the default colour cycle (10) would give two rows one colour."""
+    plt = report._pyplot()
+    for n in (3, 10, 12, 20):
+        colours = report._colors(plt, n)
+        assert len(colours) == n and len(set(colours)) == n

@@ -191,6 +191,17 @@ def _figure_bytes(fig) -> bytes:
     return buf.getvalue()
 
 
+def _colors(plt, n):
+    """n distinct colours (the default cycle has 10: an 11th row would repeat the first row's colour)."""
+    palette = plt.get_cmap("tab10" if n <= 10 else "tab20").colors
+    return [palette[i % len(palette)] for i in range(n)]
+
+
+def _outside_legend(ax):
+    """The legend right of the axes, where it hides no line or bar (savefig's tight box keeps it)."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
 def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
@@ -205,11 +216,10 @@ def _size_plot(result, value, unmerged, one, xlabel, ylabel, title) -> bytes:
     summary = result.summary()
     sizes = result.sizes()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for v in result.variants():
-        if v == "expert":
-            continue
+    rows = [v for v in result.variants() if v != "expert"]
+    for v, color in zip(rows, _colors(plt, len(rows))):
         xs = [s for s in sizes if (v, s) in summary]
-        ax.plot(xs, [value(summary[v, s]) for s in xs], marker="o", label=v,
+        ax.plot(xs, [value(summary[v, s]) for s in xs], marker="o", label=v, color=color,
                 linestyle="--" if v == unmerged else "-")
     if one is not None:
         ax.axhline(one, color="black", linewidth=0.8)
@@ -217,7 +227,7 @@ def _size_plot(result, value, unmerged, one, xlabel, ylabel, title) -> bytes:
     ax.set_ylabel(ylabel)
     ax.set_xticks(sizes)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    _outside_legend(ax)
     ax.set_title(title)
     data = _figure_bytes(fig)
     plt.close(fig)
@@ -230,14 +240,15 @@ def _per_name_plot(means, names, ratio, one, ylabel, title) -> bytes:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(names)), 4.5))
     width = 0.8 / max(1, len(means))
-    for i, (v, m) in enumerate(means.items()):
-        ax.bar([j + i * width for j in range(len(names))], [ratio(m[0], n) for n in names], width, label=v)
+    for i, ((v, m), color) in enumerate(zip(means.items(), _colors(plt, len(means)))):
+        ax.bar([j + i * width for j in range(len(names))], [ratio(m[0], n) for n in names], width, label=v,
+               color=color)
     ax.axhline(one, color="black", linewidth=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))])
     ax.set_xticklabels(names, rotation=20)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
+    _outside_legend(ax)
     data = _figure_bytes(fig)
     plt.close(fig)
     return data
