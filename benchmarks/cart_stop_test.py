@@ -104,7 +104,8 @@ def main():
     cases = synthetic_cases(args.seeds) + ([] if args.no_real else real_cases())
     print(f"{len(cases)} keys x tol {TOLS} x iteration seeds {ITERATION_SEEDS}; true error at the stop vs float64 "
           f"exact CART (lam {LAM})")
-    print(f"{'Ritz-rate guard':>15s} {'tail margin':>11s} {'above tol':>12s} {'worst err/tol':>13s} {'mean steps':>10s}")
+    print(f"{'Ritz-rate guard':>15s} {'tail margin':>11s} {'above tol':>12s} {'worst err/tol':>13s} "
+          f"{'mean steps':>10s}")
     defaults = cf.RITZ_STEP_GUARD, cf.ESTIMATE_SAFETY
     try:
         for guard, safety in ((False, 1.0), (False, defaults[1]), (True, 1.0), defaults):

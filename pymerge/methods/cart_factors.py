@@ -236,9 +236,10 @@ def adaptive_factors(iteration, k, lam, merge, theta0, exact_fallback, tol, max_
     T k) and their change c_j = ||M_j - M_(j-1)||_F measured; the remaining error ||M_j - M_exact|| is estimated as
     ESTIMATE_SAFETY c_j rho / (1 - rho), the tail of a geometric series with a margin, rho the larger of the
     measured ratio c_j / c_(j-1) and the subspace-iteration rate rho_R = max_t (S_l / S_k)^2 of the Ritz values. It
-    stops when est (1 + tol) <= tol ||M_j - theta_0||_F and rho_R^j <= tol (see ESTIMATE_SAFETY): then ||M_j - M_exact|| <= tol ||M_exact - theta_0|| whenever
-    est bounds the error. When the iteration does not contract (rho >= MAX_RATE), runs MAX_STEPS steps, or another step would take it past
-    max_passes passes over A (the start takes 3, each step 2), exact_fallback() (exact factors) is used."""
+    stops when est (1 + tol) <= tol ||M_j - theta_0||_F and rho_R^j <= tol (see ESTIMATE_SAFETY): then
+    ||M_j - M_exact|| <= tol ||M_exact - theta_0|| whenever est bounds the error. When the iteration does not
+    contract (rho >= MAX_RATE), runs MAX_STEPS steps, or another step would take it past max_passes passes over A
+    (the start takes 3, each step 2), exact_fallback() (exact factors) is used."""
     info = {"steps": 0, "estimate": None, "exact": False}
     U, S, V = iteration.start()
     merged = merge(U[..., :k], S[..., :k], V[..., :k])

@@ -271,7 +271,8 @@ def divmerge(base, models, data, *, task_specific_keys=None, granularity="layer"
     prompts and its per-token distributions over the continuation are the teachers (pymerge.teachers).
 
     opts: the options below (SPEC, printed by pymerge.methods.get("divmerge").describe(); defaults from the
-    paper's Table 9 but the learning rate and the classification batch, docs/METHODS.md §DivMerge). The teachers are cached on disk unless teacher_cache=False;
+    paper's Table 9 but the learning rate and the classification batch, docs/METHODS.md §DivMerge). The
+    teachers are cached on disk unless teacher_cache=False;
     result.config["teacher_cache_hits"] counts the tasks read from the cache.
     The fine-tuned models run once (or not at all on a cache hit); only theta_0, the task vectors, the heads
     and the cached teacher outputs stay in memory during the optimisation.
