@@ -1,8 +1,8 @@
 """TSV-M, Iso-C and Iso-CTS: pymerge vs FusionBench 0.2.33's own implementations on the same state dicts.
 
     python benchmarks/methods_svd.py [--case synthetic] [--quick | --full] [--skip-peer] [--variants] [--repeat N]
-    python benchmarks/methods_svd.py --case real [--no-anp] [--tasks a,b,..] [--variants] [--repeat N]
-    python benchmarks/methods_svd.py --case flat [--full] [--skip-peer] [--key SUBSTR] [--q 4,6,8,12]
+    python benchmarks/methods_svd.py --case real [--no-anp] [--tasks a,b,..] [--methods ..] [--variants] [--repeat N]
+    python benchmarks/methods_svd.py --case flat [--full] [--skip-peer] [--key SUBSTR] [--methods ..] [--q 4,6,8,12]
 
 Three cases, all 1 thread (torch.set_num_threads(1)), process CPU time, best of --repeat (default 2; flat: 1 run):
  synthetic (default): T = 8 synthetic fine-tunes (below), timing and merged-weight difference only.
@@ -25,9 +25,10 @@ Three cases, all 1 thread (torch.set_num_threads(1)), process CPU time, best of 
        4096 x 4096    tsv_m    svd="exact" (baseline)         148.17
                                default (auto: randomized q=8)  83.73   1.77x     3.5e-4
        2048 x 2048    iso_cts  FusionBench 22.18 s; default (auto: exact) 3.87 s, 5.73x, 1.6e-5
-       5504 x 2048    iso_cts  FusionBench 46.23 s; svd="exact" 33.95 s, 1.36x, 1.2e-5; default (auto:
-                               randomized q = 6) 13.23 s, 3.49x, 2.0e-3 (above its ~1e-3 elsewhere; q = 8:
-                               3.3e-4 at +10% time on a 1376 x 512 flat key)
+       5504 x 2048    iso_cts  FusionBench 46.23 s; svd="exact" 33.95 s, 1.36x, 1.2e-5; former default
+                               (randomized q = 6) 13.23 s, 3.49x, 2.0e-3. Default now (q = 8; `--key 5504
+                               --methods iso_cts`, another run): FusionBench 48.69 s, svd="exact" 36.23 s
+                               1.34x 1.2e-5, default (auto: randomized q = 8) 14.77 s, 3.30x, 3.0e-4
      TSV-M svd="randomized" at q = 4 / 6 / 12: 2048^2 1.9e-2 / 2.6e-3 / 5.1e-5 (2.36x / 2.06x / 1.45x);
      5504 x 2048 4.8e-2 / 1.6e-3 / 2.2e-5 (1.91x / 1.55x / 0.99x); 4096^2 (vs exact) q = 4 1.7e-2 (2.34x),
      q = 12 7.2e-5 (1.42x).
@@ -54,7 +55,9 @@ Three cases, all 1 thread (torch.set_num_threads(1)), process CPU time, best of 
      384 x 1536 keys, randomized with q = 8 on the 384 x 384 ones) 5.75 s, 1.37x FusionBench's speed, 7.6e-5 from
      it, ANP +0.00; svd="exact" 1.25x (wide keys decomposed through their transpose), 2.9e-5, +0.00 (its
      distance from FusionBench's float64 result, 2.2e-5, equals FusionBench's own 2.3e-5: float32 rounding).
-     Iso-C 0.98x at 4e-6; Iso-CTS's default 3.27x at 1.1e-3 (svd="exact" 1.4e-5); ANP equal to 0.01 points.
+     Iso-C 0.98x at 4e-6; Iso-CTS's former default (q = 6) 3.27x at 1.1e-3 (svd="exact" 1.4e-5); ANP equal to
+     0.01 points. Iso-CTS since (`--methods iso_cts --variants`, another run): default (q = 8) 3.09x at 2.0e-4,
+     svd="exact" 2.72x at 1.4e-5, q = 6 3.36x at 1.1e-3, q = 10 3.09x at 4.3e-5; ANP equal.
      Before issue 12 TSV-M's default (svd="randomized", q = 4; now the [extra] row "power_iters=4" of
      --variants) was 4.3e-2 from FusionBench (0.18 on encoder.layer.1.intermediate.dense, 1536 x 384) at -0.06
      ANP points. Cause: these task vectors' spectra are flat at the cut (s_(d+1) / s_d 0.988..0.997 there;
@@ -119,6 +122,7 @@ REAL_VARIANTS = (("tsv_m", "svd=randomized (every key; power_iters=8)", {"svd": 
                  ("tsv_m", "svd=randomized, power_iters=6", {"svd": "randomized", "power_iters": 6}),
                  ("tsv_m", "svd=randomized, power_iters=12", {"svd": "randomized", "power_iters": 12}),
                  ("iso_cts", "svd=randomized", {"svd": "randomized"}),
+                 ("iso_cts", "power_iters=6 (former default)", {"power_iters": 6}),
                  ("iso_cts", "power_iters=10", {"power_iters": 10}))
 # --case flat: flat-tailed keys (pymerge.synthetic.flat_task_vector_models), T = 8; --full adds FLAT_FULL
 FLAT_KEYS = {"flat.2048x2048.weight": (2048, 2048),
@@ -173,6 +177,7 @@ def case_flat(args):
     svd="exact", the default (TSV-M: svd="auto", its route printed), TSV-M svd="randomized" at each q of FLAT_Q;
     time, speed-up over the baseline, relative difference of the merged task vector from the baseline and from
     svd="exact"."""
+    from pymerge.methods.iso_cts import common_split
     from pymerge.methods.tsv_m import exact_svd_cheaper
     from pymerge.synthetic import flat_task_vector_models
     keys = {k: v for k, v in {**FLAT_KEYS, **(FLAT_FULL if args.full else {})}.items() if args.key in k}
@@ -192,7 +197,7 @@ def case_flat(args):
         print(f"  {key} {shape}: generated in {time.process_time() - c0:.0f} CPU s", flush=True)
         use_peer = peer and min(shape) <= FLAT_PEER_MAX
         # Iso-CTS's default takes its exact route on square keys (m <= n): not repeated on the 4096^2 key
-        for method in ("tsv_m", "iso_cts") if key in FLAT_KEYS else ("tsv_m",):
+        for method in [m for m in (("tsv_m", "iso_cts") if key in FLAT_KEYS else ("tsv_m",)) if m in args.methods]:
             a = ALPHA[method]
             runs = []
             if use_peer:
@@ -203,8 +208,10 @@ def case_flat(args):
             if method == "tsv_m":
                 r, d = min(shape), min(shape) // T
                 route = "exact" if exact_svd_cheaper(shape, min(2 * d, r), 8) else "randomized, power_iters=8"
-            else:
-                route = "exact" if shape[0] <= shape[1] else "randomized, power_iters=6"
+            else:   # Iso-CTS: exact when m <= n, else by the same cost model at l = n_t + max(10, 3 n_t)
+                n_t = common_split(min(shape), T, 0.8)[1]
+                route = "exact" if shape[0] <= shape[1] or exact_svd_cheaper(
+                    shape, min(n_t + max(10, 3 * n_t), min(shape)), 8) else "randomized, power_iters=8"
             runs.append((f"pymerge default (svd=auto: {route})", lambda: pymerge.merge(method, base, models, alpha=a,
                                                                                        exclude_keys=())))
             if method == "tsv_m":
@@ -327,7 +334,7 @@ def case_real(args):
     backbone, tasks, experts, base, models = real_inputs(task_names)
     nan = float("nan")
     rows, worst, diagnosis = [], [], None
-    for method in METHODS:
+    for method in args.methods:
         defaults = method_defaults(method)
         a = defaults["alpha"]
         matrix, averaged = split_matrix_keys(base, defaults["exclude_keys"])
@@ -425,11 +432,16 @@ def main(argv):
     ap.add_argument("--key", default="", help="flat case: only the keys whose name contains this")
     ap.add_argument("--q", default="", help="flat case: TSV-M svd=randomized power_iters, comma-separated "
                     "(default 4,6,8,12)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="real and flat cases: the methods compared "
+                    "(comma-separated; default all three; the flat case runs TSV-M and Iso-CTS)")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--variants", action="store_true",
                     help="also time TSV-M / Iso-CTS with other randomized-SVD settings (speed vs difference)")
     args = ap.parse_args(argv)
     args.argv = argv
+    args.methods = tuple(args.methods.split(","))
+    if set(args.methods) - set(METHODS):
+        ap.error(f"--methods: unknown {sorted(set(args.methods) - set(METHODS))}; known: {', '.join(METHODS)}")
     torch.set_num_threads(1)
     if args.case == "real":
         if args.quick or args.full:

@@ -23,12 +23,13 @@ Cheapest route (all exact algebra; only step 2's truncated SVDs are optionally r
   (m x q, q = T n_t ~ 0.2 r), so w_t = U_p Z_t with the small Z_t = U_p^T tau_t (q x n) and
   SVD(w_t) = U_p SVD(Z_t): T small SVDs instead of T full m x n ones. When m > n: w_t is formed explicitly.
   svd="exact" takes torch.linalg.svd for these top-n_t SVDs, "randomized" pymerge.ops.randomized_svd (p =
-  max(10, 3 n_t), q = 6 by default), "auto" (default) exact when m <= n (the Z_t are small: about 10% of the
-  SVD of M) and randomized when m > n (w_t is a full m x n matrix there). As for TSV-M, the orthogonalisation
-  amplifies per-task subspace errors, hence the large p and q: the randomized route stays within 3e-3
-  (relative Frobenius of the merged task vector) of the exact one on the decaying spectra of
-  tests/test_methods_tsv_iso.py, and 1.8e-4 of FusionBench on benchmarks/methods_svd.py's MiniLM-L6 deltas
-  with svd="randomized" on every key (q = 4: 1.4e-3; p = 10, q = 2: 6e-2).
+  max(10, 3 n_t), q = 8 by default), "auto" (default) exact when m <= n (the Z_t are small: about 10% of the
+  SVD of M); when m > n (w_t is a full m x n matrix) the route TSV-M's cost model (tsv_m.exact_svd_cheaper,
+  l = n_t + p) says is cheaper: randomized on every key measured (MiniLM-L6, 7B-like). As for TSV-M, the
+  orthogonalisation amplifies per-task subspace errors, and task vectors of real fine-tunes have flat spectra
+  at the cut, hence the large p and q: on benchmarks/methods_svd.py's flat-tailed 5504 x 2048 key (the real
+  experts' measured spectrum) q = 6 ended 2.0e-3 (relative Frobenius of the merged task vector) from
+  FusionBench, q = 8 3.0e-4 for about 10% more time (that script's recorded runs; README).
 - Step 3, left side: every task-specific U_t is orthogonal to U_c by construction, so polar(U') =
   [U_c, polar([U_1 .. U_T])] -- one polar factor of an m x q matrix (for m <= n: U_p polar(A) with A q x q).
   Right side: V_c is orthonormal, so V'^T V' = I + Z K Z^T with Z = blockdiag(Q_B, I_q) (B = V_c^T [V_1..V_T]
@@ -59,8 +60,8 @@ from ..ops import low_rank_sum, randomized_svd
 from .params import BACKEND_PARAM, Param, finite_number, number_in
 from .spec import KeyGroup, MethodSpec, key_seed
 from .iso_c import iso_c_matrix
-from .tsv_m import (DEFAULT_EXCLUDE_KEYS, EXCLUDE_PARAM, POLAR_PARAM, drop_null_components, group_matrix_mask,
-                    mean_merge, polar_factor, prepare_matrix_keys, svd_params, task_vector_sum)
+from .tsv_m import (DEFAULT_EXCLUDE_KEYS, EXCLUDE_PARAM, POLAR_PARAM, drop_null_components, exact_svd_cheaper,
+                    group_matrix_mask, mean_merge, polar_factor, prepare_matrix_keys, svd_params, task_vector_sum)
 
 
 def common_split(r: int, T: int, fraction: float):
@@ -154,9 +155,10 @@ def iso_cts_matrix(key, base, thetas, *, alpha, common_space_fraction, svd, over
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     del M
     Uc, Sc, Vc = U[:, :k_c], S[:k_c], Vh[:k_c].mT
-    kw = dict(svd=("exact" if m <= n else "randomized") if svd == "auto" else svd,
-              oversample=max(10, 3 * n_t) if oversample is None else oversample, power_iters=power_iters, seed=seed,
-              key=key, backend=backend)
+    oversample = max(10, 3 * n_t) if oversample is None else oversample
+    if svd == "auto":
+        svd = "exact" if m <= n or exact_svd_cheaper((m, n), min(n_t + oversample, r), power_iters) else "randomized"
+    kw = dict(svd=svd, oversample=oversample, power_iters=power_iters, seed=seed, key=key, backend=backend)
     if m <= n:
         # w_t = U_p Z_t exactly (U is square orthogonal): SVD(w_t) = U_p SVD(Z_t), Z_t = U_p^T tau_t [q, n].
         Up = U[:, k_c:]
@@ -181,7 +183,7 @@ def iso_cts_matrix(key, base, thetas, *, alpha, common_space_fraction, svd, over
 
 
 def merge_group(group: KeyGroup, *, alpha=1.5, common_space_fraction=0.8, svd="auto", oversample=None,
-                power_iters=6, seed=0, polar="auto", exclude_keys=DEFAULT_EXCLUDE_KEYS, backend="auto",
+                power_iters=8, seed=0, polar="auto", exclude_keys=DEFAULT_EXCLUDE_KEYS, backend="auto",
                 _matrix=None) -> List[torch.Tensor]:
     acc = group.compute_dtype
     mask = group_matrix_mask("iso_cts", group, exclude_keys, _matrix)
@@ -206,7 +208,7 @@ SPEC = MethodSpec(
               check=finite_number),
         Param("common_space_fraction", 0.8, "fraction of min(m, n) kept from the summed task vectors' top "
               "singular directions (paper / official default 0.8)", check=number_in(0, 1)),
-        *svd_params("auto", ("auto", "randomized", "exact"), 6, "max(10, 3 n_t)"),
+        *svd_params("auto", ("auto", "randomized", "exact"), 8, "max(10, 3 n_t)"),
         POLAR_PARAM,
         EXCLUDE_PARAM,
         BACKEND_PARAM,
