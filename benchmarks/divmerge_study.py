@@ -44,6 +44,8 @@ CONFIGS = {
     "from-cart": ({}, "cart"),
     "from-cart-lr0.05": ({"lr": 0.05}, "cart"),
     "task-level": ({"granularity": "task"}, None),
+    # Γ projected onto [0, 1] after every step (AdaMerging's official clamp); the paper's Γ is unconstrained
+    "clamp01": ({"clamp": (0.0, 1.0)}, None),
     "kl": ({"divergence": "kl"}, None),
     # one Γ per task and transformer layer (BERT-style key names) instead of per key: 6x fewer coefficients
     "per-layer": ({"layer_groups": r"layer\.(\d+)\."}, None),

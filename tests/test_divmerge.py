@@ -179,6 +179,19 @@ def test_single_task_recovers_gamma_one(granularity, divergence):
     torch.testing.assert_close(merged(**x)["logits"], model(**x)["logits"], rtol=1e-2, atol=1e-3)
 
 
+def test_clamp_holds_gamma_inside_its_range():
+    """clamp=(low, high) projects Γ after every step: the single-task optimum Γ = 1 lies above 0.6, so the
+    clamped run ends on the bound (the unclamped one reaches 1: test_single_task_recovers_gamma_one)."""
+    torch.manual_seed(0)
+    base = TokenNet().double()
+    (model,) = finetunes(base, 1, scale=0.5)
+    r = pymerge.divmerge(base, [model], token_data(1, n=16), task_specific_keys=r"^head\.", granularity="task",
+                         init=0.2, lr=0.05, steps=60, clamp=(0.0, 0.6), progress=False, backend="reference")
+    assert float(r.coefficients[0]) == 0.6
+    with pytest.raises(ValueError, match="clamp"):
+        pymerge.divmerge(base, [model], token_data(1, n=16), clamp=(1.0, 0.0), progress=False)
+
+
 class TwoBranch(nn.Module):
     """Two independent 4-wide branches packed in block-diagonal layers; head reads one branch's features."""
 

@@ -91,13 +91,13 @@ def test_defaults_are_the_papers_and_official_codes():
     dm, ada = methods.get("divmerge"), methods.get("adamerging")
     d = {p.name: p.default for p in dm.params}
     assert (d["lr"], d["epochs"], d["steps"], d["batch_size"], d["init"], d["temperature"], d["beta"],
-            d["divergence"], d["granularity"], d["max_new_tokens"], d["top_k"]) == \
-        (0.2, 4, None, None, None, 1.0, 0.5, "js", "layer", 32, 64)
+            d["divergence"], d["granularity"], d["max_new_tokens"], d["top_k"], d["clamp"]) == \
+        (0.2, 4, None, None, None, 1.0, 0.5, "js", "layer", 32, 64, None)     # the paper's Γ is unconstrained
     a = {p.name: p.default for p in ada.params}
     assert (a["lr"], a["steps"], a["init"], a["clamp"], a["batch_size"], a["granularity"]) == \
         (1e-3, 500, 0.3, (0.0, 1.0), None, "layer")
     assert dm.param("teacher_batch_size").model_kinds == ("classification",)
-    assert "beta" not in a and "teacher_cache" not in a and "clamp" not in d
+    assert "beta" not in a and "teacher_cache" not in a
 
 
 # ------------------------------------------------------------------------------------------ validation (Python)

@@ -15,16 +15,9 @@ from ..learn.pipeline import learn
 from ..ops import entropy
 from . import learned_params as lp
 from .learned_starts import pop_learned_start
-from .params import Param, finite_number
 from .spec import LearnedMethodSpec
 
 BATCH_PER_TASK = 16
-
-
-def _clamp(v):
-    if isinstance(v, (list, tuple)) and len(v) == 2 and all(finite_number(x) is None for x in v) and v[0] <= v[1]:
-        return None
-    return "must be a (low, high) pair of numbers with low <= high, or None"
 
 
 # The official code's defaults (EnnengYang/AdaMerging, docs/METHODS.md §AdaMerging).
@@ -45,9 +38,8 @@ SPEC = LearnedMethodSpec(
         replace(lp.EPOCHS, default=1),
         replace(lp.STEPS, default=500, optional=True, help="optimisation steps; None = epochs passes over the data"),
         replace(lp.EXAMPLES_PER_TASK, help=lp.EXAMPLES_PER_TASK.help + " (cycled)"),
-        Param("clamp", (0.0, 1.0), "Γ projected onto [low, high] after every step; None = unconstrained (the "
-              "default with start='cart', whose Γ starts at CART's λ = 2)",
-              type=tuple, check=_clamp, optional=True),
+        replace(lp.CLAMP, default=(0.0, 1.0), help=lp.CLAMP.help + " (the default with start='cart', whose Γ "
+                "starts at CART's λ = 2)"),
         lp.TEMPERATURE,
         *lp.START_PARAMS,
         lp.SEED,

@@ -84,6 +84,7 @@ SPEC = LearnedMethodSpec(
         lp.STEPS,
         replace(lp.EXAMPLES_PER_TASK, help=lp.EXAMPLES_PER_TASK.help.replace(
             "None = all", "None = {task} (task level) / {layer} (layer level)".format(**EXAMPLES_PER_TASK))),
+        lp.CLAMP,
         lp.TEMPERATURE,
         Param("beta", 0.5, "JS weight of the teacher, in (0, 1); 0.5 = Jensen-Shannon (bounded by log 2)",
               check=number_in(0, 1, low_open=True, high_open=True)),

@@ -44,6 +44,12 @@ def _init_from(v):
     return "must be a static method name, a merged state dict or a callable returning one"
 
 
+def _clamp(v):
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(finite_number(x) is None for x in v) and v[0] <= v[1]:
+        return None
+    return "must be a (low, high) pair of numbers with low <= high, or None"
+
+
 def _mapping(v):
     return None if isinstance(v, Mapping) else "must be a dict of parameters"
 
@@ -66,6 +72,8 @@ STEPS = Param("steps", None, "optimisation steps, overriding epochs; None = epoc
               check=int_at_least(0))
 EXAMPLES_PER_TASK = Param("examples_per_task", None, "the first N examples of each task's data (all of it when "
                           "shorter); None = all", type=int, check=int_at_least(1))
+CLAMP = Param("clamp", None, "Γ projected onto [low, high] after every step; None = unconstrained", type=tuple,
+              check=_clamp, optional=True)
 TEMPERATURE = Param("temperature", 1.0, "softmax temperature of the logits", check=positive_number)
 SEED = Param("seed", 0, "seed of the batch order", type=int, check=integer)
 PROGRESS = Param("progress", True, "tqdm progress bar with the running loss", type=bool, check=boolean)
