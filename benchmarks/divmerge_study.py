@@ -43,6 +43,8 @@ CONFIGS = {
     "from-ta-lr0.05": ({"lr": 0.05}, "task_arithmetic"),
     "from-cart": ({}, "cart"),
     "from-cart-lr0.05": ({"lr": 0.05}, "cart"),
+    # static CART's merged model (its tuned λ and rank) as the start, Γ from 0 on the whole task vectors
+    "from-cart-merge": ({}, "cart_merge"),
     "task-level": ({"granularity": "task"}, None),
     # Γ projected onto [0, 1] after every step (AdaMerging's official clamp); the paper's Γ is unconstrained
     "clamp01": ({"clamp": (0.0, 1.0)}, None),

@@ -218,6 +218,20 @@ def test_divmerge_zero_steps_from_cart_is_exact_cart(experts, tasks, backbone, e
     assert any(not torch.equal(w_cart[k], pretrained[k]) for k in w_cart)  # a merge that moved weights
 
 
+def test_divmerge_zero_steps_from_cart_merge_is_cart(experts, tasks, backbone, evaluated):
+    """start="cart_merge" (the divmerge-from-cart row): init_from static CART at its tuned λ and rank, Γ = 0; with
+    no step it is the CART row exactly."""
+    grids = {"cart": {"lam": (1.0, 2.0), "rank_ratio": (0.25, 0.5)}}
+    rows = [hn.Variant("cart", "cart", {}, grids["cart"]),
+            hn.Variant("dm", "divmerge", {"steps": 0}, start="cart_merge")]
+    result = _run(experts, tasks, backbone, rows, subsets_per_size=1, grids=grids, unlabelled_per_task=4)
+    cart, dm = _rows(result, "cart")[0], _rows(result, "dm")[0]
+    assert dm.params["init_from"] == "cart" and dm.params["init_from_params"] == cart.params
+    assert dm.accuracy == cart.accuracy
+    (_, w_cart), (_, w_dm) = evaluated[-4], evaluated[-2]
+    _same_weights(w_dm, w_cart, atol=1e-6)
+
+
 def test_adamerging_rows_run_at_both_granularities(experts, tasks, backbone):
     rows = [v for v in hn.variants(["adamerging"], learned={"adamerging": {"steps": 2}}) if v.method == "adamerging"]
     result = _run(experts, tasks, backbone, rows, subsets_per_size=1, unlabelled_per_task=4)
@@ -230,7 +244,8 @@ def test_adamerging_rows_run_at_both_granularities(experts, tasks, backbone):
 def test_variants_rows_and_errors():
     labels = [v.label for v in hn.variants(["cart", "divmerge", "adamerging"])]
     assert labels == ["task_arithmetic", "cart", "cart-exact", "divmerge", "divmerge-task", "divmerge-kl",
-                      "divmerge-from-ta", "divmerge-from-cart", "adamerging", "adamerging-task"]
+                      "divmerge-from-ta", "divmerge-from-cart", "divmerge-cart-space", "adamerging",
+                      "adamerging-task"]
     assert [v.label for v in hn.variants(["ties", "divmerge"], with_variants=False)] == \
         ["task_arithmetic", "ties", "divmerge"]
     assert {v.label for v in hn.variants(["all"])} >= set(pymerge.methods.available("all"))

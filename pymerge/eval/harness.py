@@ -154,8 +154,9 @@ class Variant:
     """One row of the tables: `method` (a static method name, "divmerge" or "adamerging") with fixed `params`
     and a validation `grid` ({param: values}, static methods). tuned_as: reuse the parameters chosen for that
     static method in the same subset (e.g. exact-SVD CART at randomized CART's λ and rank), so the two rows
-    differ only by what the variant changes. start: a learned method's start, "task_arithmetic" (init_from,
-    at the tuned λ) or "cart" (start="cart" at the tuned rank ratio, Γ starting at the tuned λ)."""
+    differ only by what the variant changes. start: a learned method's start, "task_arithmetic" or "cart_merge"
+    (init_from that static method at its tuned parameters, Γ from 0 on the whole task vectors) or "cart"
+    (start="cart" at the tuned rank ratio: Γ on CART's centered rank-k parts, starting at the tuned λ)."""
     label: str
     method: str
     params: Mapping = field(default_factory=dict)
@@ -170,8 +171,8 @@ def variants(methods: Sequence[str], *, with_variants: bool = True, grids: Mappi
     """The rows for `methods` (names of pymerge.methods.available("all"); "all" for every one): each
     method with its defaults (static methods with a `grids` entry, default DEFAULT_GRIDS, tuned on
     validation), and with_variants: CART with the exact SVD; DivMerge at task level, with KL, started from
-    task arithmetic and from CART; AdaMerging at task level. learned: {method: options} for the learned
-    methods (default DEFAULT_LEARNED)."""
+    task arithmetic and from CART (init_from), and in CART's space (start="cart"); AdaMerging at task level.
+    learned: {method: options} for the learned methods (default DEFAULT_LEARNED)."""
     known = available("all")
     if list(methods) == ["all"]:
         methods = known
@@ -197,8 +198,10 @@ def variants(methods: Sequence[str], *, with_variants: bool = True, grids: Mappi
                          Variant("divmerge-kl", m, {**opts, "divergence": "kl"}, note="forward KL"),
                          Variant("divmerge-from-ta", m, opts, start="task_arithmetic",
                                  note="refines task arithmetic at its tuned λ (init_from)"),
-                         Variant("divmerge-from-cart", m, opts, start="cart",
-                                 note="start='cart' at CART's tuned rank ratio, Γ from CART's tuned λ")]
+                         Variant("divmerge-from-cart", m, opts, start="cart_merge",
+                                 note="refines CART at its tuned λ and rank (init_from)"),
+                         Variant("divmerge-cart-space", m, opts, start="cart",
+                                 note="start='cart': Γ on CART's rank-k centered parts, from its tuned λ")]
         else:
             rows.append(Variant("adamerging", m, {**opts, "granularity": "layer"}, note="layer level"))
             if with_variants:

@@ -107,6 +107,8 @@ class TunedRun:
         params = dict(v.params)
         if v.start == "task_arithmetic":
             params.update(init_from="task_arithmetic", init_from_params=self.chosen_params("task_arithmetic"))
+        elif v.start == "cart_merge":
+            params.update(init_from="cart", init_from_params=self.chosen_params("cart"))
         elif v.start == "cart":
             cart = self.chosen_params("cart")
             params.update(start="cart", init=cart.get("lam", _default("cart", "lam")))
