@@ -365,9 +365,10 @@ SPEC = MethodSpec(
     description="CART: theta_avg + lam * sum_t SVD_k(theta_t - theta_avg) on the selected matrices, "
                 "theta_avg elsewhere. Default fidelity: tol=0.05 (merged weights within 5% of exact CART's merged "
                 "task vector by an a-posteriori estimate; small keys exact via the Gram matrix), checked on six real "
-                "MiniLM-L6 fine-tunes (benchmarks/methods_cart.py --case real): 2.0e-2 / 1.3e-2 / 1.2e-3 from exact "
-                "CART at rank ratios 0.02 / 0.08 / 0.16, ANP within 0.11 points of exact (pymerge eval: equal at 2, "
-                "4 and 6 tasks)",
+                "MiniLM-L6 fine-tunes (benchmarks/methods_cart.py --case real): 5.7e-3 / 8.2e-3 / 1.7e-4 / 1.2e-3 "
+                "from exact CART at rank ratios 0.02 / 0.04 / 0.08 / 0.16, and ANP within 0.15 points of exact "
+                "CART's at each of those ratios on every task subset of pymerge eval (2, 4, 6 tasks; "
+                "benchmarks/cart_anp_subsets.py)",
     merge_group=merge_group,
     prepare=prepare,
     params=(
