@@ -177,7 +177,7 @@ def case_flat(args):
     svd="exact", the default (TSV-M: svd="auto", its route printed), TSV-M svd="randomized" at each q of FLAT_Q;
     time, speed-up over the baseline, relative difference of the merged task vector from the baseline and from
     svd="exact"."""
-    from pymerge.methods.iso_cts import common_split
+    from pymerge.methods.iso_cts import common_split, task_svd_route
     from pymerge.methods.tsv_m import exact_svd_cheaper
     from pymerge.synthetic import flat_task_vector_models
     keys = {k: v for k, v in {**FLAT_KEYS, **(FLAT_FULL if args.full else {})}.items() if args.key in k}
@@ -208,10 +208,9 @@ def case_flat(args):
             if method == "tsv_m":
                 r, d = min(shape), min(shape) // T
                 route = "exact" if exact_svd_cheaper(shape, min(2 * d, r), 8) else "randomized, power_iters=8"
-            else:   # Iso-CTS: exact when m <= n, else by the same cost model at l = n_t + max(10, 3 n_t)
-                n_t = common_split(min(shape), T, 0.8)[1]
-                route = "exact" if shape[0] <= shape[1] or exact_svd_cheaper(
-                    shape, min(n_t + max(10, 3 * n_t), min(shape)), 8) else "randomized, power_iters=8"
+            else:
+                route = task_svd_route(shape, common_split(min(shape), T, 0.8)[1])
+                route = route if route == "exact" else "randomized, power_iters=8"
             runs.append((f"pymerge default (svd=auto: {route})", lambda: pymerge.merge(method, base, models, alpha=a,
                                                                                        exclude_keys=())))
             if method == "tsv_m":
