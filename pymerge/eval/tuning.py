@@ -16,6 +16,8 @@ from ..merge import merge as static_merge
 from ..methods import get as method_spec
 
 LEARNED = ("divmerge", "adamerging")
+# Variant.start values that start a learned method from a static merge (init_from) at that method's tuned parameters
+INIT_FROM_STARTS = {"task_arithmetic": "task_arithmetic", "cart_merge": "cart"}
 
 
 def mean(values):
@@ -105,10 +107,9 @@ class TunedRun:
     def learned_params(self, v):
         """A learned row's keyword arguments: its own, its start's tuned parameters, the run's seed."""
         params = dict(v.params)
-        if v.start == "task_arithmetic":
-            params.update(init_from="task_arithmetic", init_from_params=self.chosen_params("task_arithmetic"))
-        elif v.start == "cart_merge":
-            params.update(init_from="cart", init_from_params=self.chosen_params("cart"))
+        if v.start in INIT_FROM_STARTS:
+            method = INIT_FROM_STARTS[v.start]
+            params.update(init_from=method, init_from_params=self.chosen_params(method))
         elif v.start == "cart":
             cart = self.chosen_params("cart")
             params.update(start="cart", init=cart.get("lam", _default("cart", "lam")))
