@@ -14,7 +14,6 @@ vectors up, confident and wrong: the method, not the optimiser, sets where AdaMe
 import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -22,55 +21,30 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pymerge  # noqa: E402
 from pymerge.eval import build_experts, load_task  # noqa: E402
-from pymerge.eval.experts import collate, tokenize  # noqa: E402
-from pymerge.eval.harness import DEFAULT_UNLABELLED, suite_from_experts  # noqa: E402
+from pymerge.eval.harness import (DEFAULT_UNLABELLED, Variant, _Harness, _SubsetRun,  # noqa: E402
+                                  suite_from_experts)
 from pymerge.learn.batching import logits_of  # noqa: E402
 
 
 class Probe:
-    """Test accuracy and unlabelled-train entropy of merged bodies, each task with its own expert head."""
+    """Test ANP (pymerge eval's evaluator) and the mean entropy on the unlabelled batches pymerge eval gives the
+    learned methods, of merged bodies, each task with its own expert head."""
 
-    def __init__(self, suite, names, test_limit, unlabelled):
-        self.suite, self.names = suite, names
-        self.pad = suite.tokenizer.pad_token_id or 0
-        self.modules, self.own, self.test, self.train, self.reference = {}, {}, {}, {}, {}
-        for n in names:
-            member = suite.members[n]
-            state = member.state()
-            self.own[n] = suite.own(state)
-            self.modules[n] = member.module()
-            self.modules[n].load_state_dict(state)
-            self.modules[n].eval()
-            texts, labels = member.task.split("test", test_limit)
-            self.test[n] = tokenize(suite.tokenizer, texts, member.max_length), labels
-            texts, _ = member.task.split("train", unlabelled)
-            self.train[n] = tokenize(suite.tokenizer, texts, member.max_length)
-            self.reference[n] = self.accuracy(n, suite.shared(state))
+    def __init__(self, suite, names, test_limit):
+        self.names = names
+        self.h = _Harness(suite, {}, 0, DEFAULT_UNLABELLED, {"test": test_limit}, 64, "cpu")
+        self.ev = self.h.evaluator
+        self.reference = {n: self.ev.accuracy(n, suite.shared(suite.members[n].state()), "test") for n in names}
 
     @torch.no_grad()
-    def _logits(self, n, shared, ids):
-        module = self.modules[n]
-        module.load_state_dict({**shared, **self.own[n]})
-        out = []
-        for s in range(0, len(ids), 64):
-            x, mask = collate(ids[s:s + 64], self.pad)
-            out.append(logits_of(module(input_ids=x, attention_mask=mask)).float())
-        return torch.cat(out)
-
-    def accuracy(self, n, shared):
-        ids, labels = self.test[n]
-        order = self.suite.members[n].label_order
-        logits = self._logits(n, shared, ids)
-        if order is not None:
-            logits = logits[:, list(order)]
-        return float((logits.argmax(-1) == torch.tensor(labels)).float().mean())
-
     def entropy(self, n, shared):
-        logp = self._logits(n, shared, self.train[n]).log_softmax(-1)
+        module = self.ev._module(n)
+        module.load_state_dict({**shared, **self.ev.own[n]})
+        logp = torch.cat([logits_of(module(**b)).float() for b in self.h.unlabelled_batches(n)]).log_softmax(-1)
         return float(-(logp.exp() * logp).sum(-1).mean())
 
     def line(self, label, shared):
-        acc = {n: self.accuracy(n, shared) for n in self.names}
+        acc = {n: self.ev.accuracy(n, shared, "test") for n in self.names}
         ent = {n: self.entropy(n, shared) for n in self.names}
         anp = sum(acc[n] / self.reference[n] for n in self.names) / len(self.names)
         print(f"{label:34s} {100 * anp:6.1f} {sum(ent.values()) / len(ent):8.3f}   "
@@ -88,7 +62,7 @@ def main(argv=None):
     names = args.tasks.split(",")
     tasks = [load_task(n) for n in names]
     suite = suite_from_experts(build_experts(tasks), tasks)
-    probe = Probe(suite, names, args.test_limit, DEFAULT_UNLABELLED)
+    probe = Probe(suite, names, args.test_limit)
     base = suite.base_state
     shared = [suite.shared(suite.members[n].state()) for n in names]
     print(f"{'merged body':34s} {'ANP %':>6s} {'mean H':>8s}   per task: test accuracy / entropy "
@@ -97,26 +71,12 @@ def main(argv=None):
         probe.line(f"task arithmetic λ = {lam}", pymerge.merge("task_arithmetic", base, shared, lam=lam))
     if args.steps == 0:
         return
-    first = suite.members[names[0]]
-    model = first.module()
-    model.load_state_dict({**base, **suite.own(first.state())})
-
-    def loader(n):
-        def load():
-            m = suite.members[n].module()
-            m.load_state_dict(suite.members[n].state())
-            return m.eval()
-        return load
-
-    data = {n: [dict(zip(("input_ids", "attention_mask"), collate(probe.train[n][i:i + 32], probe.pad)))
-                for i in range(0, len(probe.train[n]), 32)] for n in names}
-    t0 = time.perf_counter()
-    result = pymerge.adamerging(model, {n: loader(n) for n in names}, data, task_specific_keys=suite.task_specific,
-                                granularity="layer", steps=args.steps, progress=False,
-                                pad_value={"input_ids": probe.pad}, examples_per_task=DEFAULT_UNLABELLED)
+    # pymerge eval's AdaMerging row (layer level, the official init / lr / clamp), keeping its coefficients
+    _, result, seconds = _SubsetRun(probe.h, tuple(names)).learn(
+        Variant("adamerging", "adamerging", {"steps": args.steps, "granularity": "layer"}))
     g = result.coefficients.double()
     probe.line(f"AdaMerging ({args.steps} steps)", {k: result.state_dict.get(k, v) for k, v in base.items()})
-    print(f"AdaMerging: {time.perf_counter() - t0:.0f} s, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; "
+    print(f"AdaMerging: {seconds:.0f} s, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; "
           f"Γ (from 0.3) mean per task {', '.join(f'{float(x):.3f}' for x in g.mean(0))}, "
           f"min {float(g.min()):.3f}, max {float(g.max()):.3f}")
 

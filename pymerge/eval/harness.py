@@ -312,6 +312,10 @@ class _SubsetRun(TunedRun):
         return mean(self.h.evaluator.accuracy(n, shared, split) / self.h.reference[n][split] for n in self.names)
 
     def learned_row(self, v):
+        return self.learned_result(*self.learn(v))
+
+    def learn(self, v):
+        """Run a learned row's method on this subset: (its keyword arguments, the LearnedMerge, seconds)."""
         from ..methods.adamerging import adamerging
         from ..methods.divmerge import divmerge
         params = self.learned_params(v)
@@ -333,7 +337,7 @@ class _SubsetRun(TunedRun):
         options = {"progress": False, "pad_value": {"input_ids": h.evaluator.pad},
                    "examples_per_task": h.unlabelled, **params}
         result = fn(base, loaders, data, task_specific_keys=suite.task_specific, **options)
-        return self.learned_result(params, result, time.perf_counter() - start)
+        return params, result, time.perf_counter() - start
 
 
 class _Harness:
