@@ -127,11 +127,27 @@ def test_eval_with_a_users_model_dirs(files, backbone_dir, tmp_path, capsys):  #
     (["--methods", "ties", "--task", "a=x.jsonl"], "--task: task 'a' given twice"),
     (["--methods", "ties", "--task", "bad name=x.jsonl"], "NAME may hold letters"),
     (["--methods", "ties", "--steps", "0"], "--steps 0: must be a positive integer"),
+    (["--methods", "cart,divmerge", "--rows", "cart,divmerge-js"], "--rows 'cart,divmerge-js': no such row(s) "
+                                                                    "['divmerge-js']; --methods gives: "
+                                                                    "task_arithmetic, cart, cart-exact, divmerge"),
+    (["--methods", "ties", "--rows", ","], "--rows ',': give at least one row"),
 ])
 def test_input_errors_exit_2_naming_the_input(files, capsys, no_training, argv, message):
     code, out, err = _run(["eval", *_task_args(files), *argv], capsys)
     assert code == 2 and out == ""
     assert err.startswith("pymerge eval: error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_rows_keeps_the_named_rows_and_the_gaps_reference(files):
+    from pymerge.cli import build_parser
+    from pymerge.cli import eval as eval_cli
+    args = build_parser().parse_args(["eval", *_task_args(files), "--methods", "cart,divmerge", "--rows",
+                                      "divmerge-kl,cart-exact,divmerge-from-cart"])
+    _, _, rows, _ = eval_cli._checked(args)
+    assert [v.label for v in rows] == ["task_arithmetic", "cart-exact", "divmerge-kl", "divmerge-from-cart"]
+    assert "--rows divmerge-kl,cart-exact,divmerge-from-cart" in eval_cli.command_line(args, ["a", "b", "c"], [3])
+    args = build_parser().parse_args(["eval", *_task_args(files), "--methods", "cart,divmerge"])
+    assert len(eval_cli._checked(args)[2]) == 9   # without --rows: every row
 
 
 def test_missing_or_bad_task_file_is_named(tmp_path, capsys, no_training):

@@ -4,6 +4,7 @@ pymerge.eval.lm_harness); reports by pymerge.eval.report.
 
     pymerge eval --suite text --methods task_arithmetic,ties,cart,divmerge [--tasks rt_polarity,bbc_news,...]
                  [--subsets 2,4,6] [--out DIR] [--seed N] [--task NAME=FILE.jsonl ...] [--model NAME=DIR ...]
+                 [--rows cart-exact,divmerge-kl,...]
     pymerge eval --suite generative --methods task_arithmetic,ties,divmerge [--tasks vader_tweets,bbc_news,...]
                  [--subsets 2,3] [--finetune-steps N] [--task NAME=FILE.jsonl ...] [--model NAME=DIR ...]
 
@@ -82,6 +83,7 @@ def _checked(args):
         rows = make_variants(methods, with_variants=not args.no_variants, learned=_learned(args))
     except ValueError as e:
         raise CLIError(f"--methods {args.methods!r}: {e}") from None
+    rows = _kept_rows(rows, args.rows)
     files = parse_pairs(args.task, "--task")
     models = parse_pairs(args.model, "--model")
     packaged = _names(args.tasks) if args.tasks is not None else \
@@ -137,6 +139,19 @@ def _checked(args):
     return tasks, models, rows, sizes
 
 
+def _kept_rows(rows, text):
+    """The rows named in --rows (labels of the rows --methods gives; the gap's reference, task arithmetic, is
+    always kept), in --methods' order; all of them without --rows."""
+    if text is None:
+        return rows
+    wanted, labels = _names(text), [v.label for v in rows]
+    unknown = [n for n in wanted if n not in labels]
+    if not wanted or unknown:
+        raise CLIError(f"--rows {text!r}: " + (f"no such row(s) {unknown}" if unknown else "give at least one row")
+                       + f"; --methods gives: {', '.join(labels)}")
+    return [v for v in rows if v.label in wanted or v.label == "task_arithmetic"]
+
+
 def _learned(args):
     if args.steps is None:
         return None
@@ -161,6 +176,8 @@ def command_line(args, tasks, sizes):
         words += ["--finetune-steps", str(args.finetune_steps)]
     if args.no_variants:
         words.append("--no-variants")
+    if args.rows is not None:
+        words += ["--rows", args.rows]
     words += ["--out", str(args.out)]
     return shlex.join(words)
 
@@ -271,6 +288,9 @@ def add_parsers(sub):
                    "(default 48, at batch 8 x 128 tokens)")
     p.add_argument("--no-variants", action="store_true", help="one row per method (no CART exact-SVD, DivMerge "
                    "task/KL/start, AdaMerging task rows)")
+    p.add_argument("--rows", help="comma-separated row labels to run, out of the rows --methods gives (e.g. "
+                   "cart-exact,divmerge-kl; task_arithmetic, the gap's reference, always runs; a row started from a "
+                   "static method still tunes it on validation)")
     p.add_argument("--max-length", type=int, default=128, help="with --model: tokens per text (default 128)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
