@@ -32,7 +32,8 @@ class Probe:
 
     def __init__(self, suite, names, test_limit):
         self.names = names
-        self.h = _Harness(suite, {}, 0, DEFAULT_UNLABELLED, {"test": test_limit}, 64, "cpu")
+        self.h = _Harness(suite, grids={}, seed=0, unlabelled=DEFAULT_UNLABELLED, limits={"test": test_limit},
+                          batch_size=64, device="cpu")
         self.ev = self.h.evaluator
         self.reference = {n: self.ev.accuracy(n, suite.shared(suite.members[n].state()), "test") for n in names}
 

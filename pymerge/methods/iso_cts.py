@@ -73,13 +73,18 @@ def common_split(r: int, T: int, fraction: float):
     return r - task_total, task_total // T
 
 
+def task_oversample(n_t: int, oversample=None) -> int:
+    """The randomized per-task SVDs' oversampling: `oversample`, or max(10, 3 n_t) when it is None."""
+    return max(10, 3 * n_t) if oversample is None else oversample
+
+
 def task_svd_route(shape, n_t: int, oversample=None, power_iters: int = 8) -> str:
     """svd="auto"'s route for the per-task top-n_t SVDs of an m x n key (module doc): "exact" when m <= n (the
-    small Z_t), else whichever of exact / randomized (l = n_t + p columns, p = max(10, 3 n_t) by default)
+    small Z_t), else whichever of exact / randomized (l = n_t + task_oversample columns)
     tsv_m.exact_svd_cheaper says is cheaper."""
     m, n = shape
-    p = max(10, 3 * n_t) if oversample is None else oversample
-    return "exact" if m <= n or exact_svd_cheaper(shape, min(n_t + p, min(shape)), power_iters) else "randomized"
+    l = min(n_t + task_oversample(n_t, oversample), min(shape))
+    return "exact" if m <= n or exact_svd_cheaper(shape, l, power_iters) else "randomized"
 
 
 # Per-task matrices of a key are batched into one [T, p, n] tensor up to this size, else made one at a time.
@@ -166,8 +171,8 @@ def iso_cts_matrix(key, base, thetas, *, alpha, common_space_fraction, svd, over
     Uc, Sc, Vc = U[:, :k_c], S[:k_c], Vh[:k_c].mT
     if svd == "auto":
         svd = task_svd_route((m, n), n_t, oversample, power_iters)
-    kw = dict(svd=svd, oversample=max(10, 3 * n_t) if oversample is None else oversample, power_iters=power_iters,
-              seed=seed, key=key, backend=backend)
+    kw = dict(svd=svd, oversample=task_oversample(n_t, oversample), power_iters=power_iters, seed=seed, key=key,
+              backend=backend)
     if m <= n:
         # w_t = U_p Z_t exactly (U is square orthogonal): SVD(w_t) = U_p SVD(Z_t), Z_t = U_p^T tau_t [q, n].
         Up = U[:, k_c:]
