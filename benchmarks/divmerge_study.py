@@ -55,6 +55,10 @@ CONFIGS = {
     # twice the examples per step: 8 per task (batch_size 8 T instead of the default 4 T; T = the one --sizes)
     "batch8": ({"batch_per_task": 8}, None),
     "kl-batch8": ({"divergence": "kl", "batch_per_task": 8}, None),
+    # the learning rate decayed to 0 over the run (half a cosine) instead of constant: the last steps stop jumping
+    "cosine": ({"lr_schedule": "cosine"}, None),
+    "cosine-lr0.3": ({"lr": 0.3, "lr_schedule": "cosine"}, None),
+    "cosine-lr0.5": ({"lr": 0.5, "lr_schedule": "cosine"}, None),
 }
 
 

@@ -1,12 +1,15 @@
 """The optimiser loop of a learned merge: Adam on Gamma over batches mixed across tasks.
 
-``CoefficientOptimizer(merged, tasks, objective, *, lr, batch_size, clamp=None, seed=0)``: Adam on Gamma.
+``CoefficientOptimizer(merged, tasks, objective, *, lr, lr_schedule="constant", batch_size, clamp=None, seed=0)``:
+    Adam on Gamma.
     Each step draws batch_size examples mixed across tasks (batch_size // T per task, the remainder to the
     first tasks; each task's examples reshuffled every pass), runs every task once on ONE shared merged
     parameter set and minimises sum_t loss_t (docs/METHODS.md §Learned coefficients: tasks summed
     unweighted). ``step() -> float``, ``run(steps, progress=True, desc=..., log_every=None) -> [float]`` (tqdm
     bar with the running loss, and a line through the logger "pymerge.learn" every log_every steps: step,
-    running loss, elapsed, ETA; None = about ten lines a run), ``loss(gamma=None, indices=None)`` the
+    running loss, elapsed, ETA; None = about ten lines a run; lr_schedule "cosine": step i of n runs at
+    lr_at(lr, "cosine", i, n) = lr (1 + cos(pi (i - 1) / n)) / 2, lr at the first step, near 0 at the last),
+    ``loss(gamma=None, indices=None)`` the
     objective on given examples (used by the gradient checks).
 """
 import logging
@@ -22,6 +25,16 @@ from .objective import Objective
 
 logger = logging.getLogger("pymerge.learn")
 LOG_LINES = 10   # log_every=None: about this many progress lines per run
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_at(lr, schedule, i, steps):
+    """The learning rate of step i (1-based) of `steps` under `schedule` (LR_SCHEDULES)."""
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * (i - 1) / steps))
+    raise ValueError(f"lr_schedule = {schedule!r}; expected one of {LR_SCHEDULES}")
 
 
 def default_log_every(steps):
@@ -33,7 +46,7 @@ class CoefficientOptimizer:
     """Adam on merged.gamma over mixed-task batches (see the module docstring)."""
 
     def __init__(self, merged: MergedModel, tasks: Sequence[TaskExamples], objective: Objective, *, lr=1e-2,
-                 batch_size=None, clamp=None, seed=0, pad_value=0, what="learned merge"):
+                 lr_schedule="constant", batch_size=None, clamp=None, seed=0, pad_value=0, what="learned merge"):
         T = len(merged.tasks)
         if len(tasks) != T:
             raise ValueError(f"{what}: {len(tasks)} task example sets for {T} tasks")
@@ -43,11 +56,14 @@ class CoefficientOptimizer:
                              "(each step draws at least one example of every task)")
         if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"{what}: lr = {lr} must be a positive finite number")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"{what}: lr_schedule = {lr_schedule!r}; expected one of {LR_SCHEDULES}")
         if clamp is not None and (len(clamp) != 2 or not clamp[0] <= clamp[1]):
             raise ValueError(f"{what}: clamp = {clamp} must be a (low, high) pair with low <= high")
         self.merged, self.tasks, self.objective = merged, list(tasks), objective
         self.sizes = [batch_size // T + (1 if t < batch_size % T else 0) for t in range(T)]
         self.clamp, self.pad_value = clamp, pad_value
+        self.lr, self.lr_schedule = float(lr), lr_schedule
         self.optimizer = torch.optim.Adam([merged.gamma], lr=lr)
         self.generator = torch.Generator().manual_seed(int(seed))
         self._order = [torch.empty(0, dtype=torch.long) for _ in range(T)]
@@ -116,6 +132,8 @@ class CoefficientOptimizer:
         running = None
         start = time.perf_counter()
         for i in range(1, steps + 1):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(self.lr, self.lr_schedule, i, steps)
             value = self.step()
             running = value if running is None else 0.9 * running + 0.1 * value
             if bar is not None:

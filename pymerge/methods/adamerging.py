@@ -34,6 +34,7 @@ SPEC = LearnedMethodSpec(
         replace(lp.INIT, default=0.3, optional=True, help="initial Γ: a number, [T] or [G, T] values; None = 1/T "
                 "(unless init is given: Γ starts at 0 with init_from, at CART's λ with start='cart')"),
         replace(lp.LR, default=1e-3),
+        lp.LR_SCHEDULE,
         replace(lp.BATCH_SIZE, help=lp.BATCH_SIZE.help.replace("4 * T", f"{BATCH_PER_TASK} * T")),
         replace(lp.EPOCHS, default=1),
         replace(lp.STEPS, default=500, optional=True, help="optimisation steps; None = epochs passes over the data"),

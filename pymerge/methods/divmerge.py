@@ -77,6 +77,7 @@ SPEC = LearnedMethodSpec(
         lp.INIT,
         # 0.2, not the paper's 1e-2: chosen on validation (docs/RESULTS.md, "DivMerge: what moves the gap closed").
         replace(lp.LR, default=DEFAULT_LR),
+        lp.LR_SCHEDULE,
         replace(lp.BATCH_SIZE, help=lp.BATCH_SIZE.help.replace(
             "None = 4 * T", "None = {classification} * T (classification) / {causal-lm} * T (causal LM)".format(
                 **BATCH_PER_TASK))),

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 
 from ..learn.merged_model import GRANULARITIES
+from ..learn.optimizer import LR_SCHEDULES
 from . import available, cart
 from .params import (BACKEND_PARAM, Param, boolean, finite_number, int_at_least, integer, number_in, positive_number,
                      regex)
@@ -65,6 +66,8 @@ INIT = Param("init", None, "initial Γ: a number, [T] or [G, T] values; None = 1
              "init_from: 0)",
              check=_init)
 LR = Param("lr", 1e-2, "Adam learning rate", check=positive_number)
+LR_SCHEDULE = Param("lr_schedule", "constant", "the learning rate over the run's steps: 'constant', or 'cosine' "
+                    "(from lr down to 0 at the last step, half a cosine)", type=str, choices=LR_SCHEDULES)
 BATCH_SIZE = Param("batch_size", None, "examples per step, mixed across tasks (batch_size // T of every task); "
                    "None = 4 * T", type=int, check=int_at_least(1))
 EPOCHS = Param("epochs", 4, "passes over the data (when steps is None)", type=int, check=int_at_least(1))
