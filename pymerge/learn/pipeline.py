@@ -77,7 +77,7 @@ class LearnedMerge:
 def learn(base, models, data, objective: Objective, *, method, task_names=None, task_specific_keys=None,
           granularity="layer", layer_groups=None, init=None, default_init=None, start: Optional[StartPoint] = None,
           lr=1e-2, lr_schedule="constant", batch_size=None, epochs=4, steps=None, examples_per_task=None, clamp=None,
-          seed=0,          teacher_batch_size=32, pad_value=0, teacher_cache=False, cache_dir=None, gather_embeddings=True,
+          seed=0, teacher_batch_size=32, pad_value=0, teacher_cache=False, cache_dir=None, gather_embeddings=True,
           batch_tasks=True, progress=True, log_every=None, model_factory=None, tokenizer=None,
           text_max_length=None):
     """The whole pipeline; divmerge() (classification and causal LM) and adamerging() call it with their
@@ -150,7 +150,7 @@ def learn(base, models, data, objective: Objective, *, method, task_names=None, 
     gam = merged.gamma.detach().clone()
     coefficients = gam[0] if granularity == "task" else gam
     config = dict(granularity=granularity, start=start.name, lr=lr, lr_schedule=lr_schedule, batch_size=sum(opt.sizes),
-                  epochs=epochs,                  steps=total, examples_per_task=examples_per_task, seed=seed, layer_groups=layer_groups,
+                  epochs=epochs, steps=total, examples_per_task=examples_per_task, seed=seed, layer_groups=layer_groups,
                   task_specific_keys=task_specific_keys, init=init if isinstance(init, (int, float)) else None,
                   init_from=None)
     config.update(start.config())
