@@ -11,7 +11,7 @@ Data: per task the first N train texts of a packaged pymerge.eval task (needs `m
 the same length distribution otherwise), tokenized with the MiniLM tokenizer to at most --max-length tokens
 and handed over as pymerge.eval's harness does: batches of 32 padded to their longest text, with
 attention_mask. Options: pymerge.eval's (harness.DEFAULT_LEARNED, DEFAULT_UNLABELLED: 200 steps, 200
-unlabelled examples per task) and the method's defaults (batch 8 x T, Adam lr 0.2, teacher batch 32, the
+unlabelled examples per task) and the method's defaults (batch 8 x T, Adam lr 0.5 cosine, teacher batch 32, the
 teacher cache on, in a fresh directory so the teachers are computed and written).
 
   whole   pymerge.divmerge(...) wall and CPU time, split into phases: model loading (the loaders' own

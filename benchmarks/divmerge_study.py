@@ -8,7 +8,9 @@ with task arithmetic (λ tuned on validation, the gap's reference), CART (λ and
 per configuration below (layer level, Jensen-Shannon, unlabelled train texts only). Each row prints test ANP,
 the gap closed and the VALIDATION ANP: choose a configuration on validation ANP, then confirm it on a task set
 the choice never saw (--tasks). Every configuration runs the same steps on the same data unless it says
-otherwise. Writes results.csv / results.md (pymerge.eval.report) under --out.
+otherwise, at pymerge.divmerge's learning rate and schedule unless it names its own (lr 0.5 with a cosine decay;
+docs/RESULTS.md's DivMerge tables before "The learning-rate schedule" ran at the former constant 0.2, which
+`former-default` and the lr* configurations pin). Writes results.csv / results.md (pymerge.eval.report) under --out.
 """
 import argparse
 import logging
@@ -28,21 +30,24 @@ from pymerge.eval.report import write_reports  # noqa: E402
 TASKS = ("rt_polarity", "rt_subjectivity", "debates_party", "bbc_news", "vader_tweets", "vader_nyt")
 BASE = {**DEFAULT_LEARNED["divmerge"], "granularity": "layer", "divergence": "js"}
 # name -> (options over BASE, start); start as pymerge.eval.harness.Variant.start
+CONSTANT = {"lr_schedule": "constant"}
 CONFIGS = {
     "default": ({}, None),
-    "lr0.05": ({"lr": 0.05}, None),
-    "lr0.1": ({"lr": 0.1}, None),
-    "lr0.2": ({"lr": 0.2}, None),
-    "lr0.5": ({"lr": 0.5}, None),
-    "from-cart-lr0.2": ({"lr": 0.2}, "cart"),
+    # the default before the cosine schedule (docs/RESULTS.md "The learning-rate schedule")
+    "former-default": ({"lr": 0.2, **CONSTANT}, None),
+    "lr0.05": ({"lr": 0.05, **CONSTANT}, None),
+    "lr0.1": ({"lr": 0.1, **CONSTANT}, None),
+    "lr0.2": ({"lr": 0.2, **CONSTANT}, None),
+    "lr0.5": ({"lr": 0.5, **CONSTANT}, None),
+    "from-cart-lr0.2": ({"lr": 0.2, **CONSTANT}, "cart"),
     "steps400": ({"steps": 400}, None),
-    "lr0.05-steps400": ({"lr": 0.05, "steps": 400}, None),
+    "lr0.05-steps400": ({"lr": 0.05, "steps": 400, **CONSTANT}, None),
     "temp2": ({"temperature": 2.0}, None),
-    "lr0.05-temp2": ({"lr": 0.05, "temperature": 2.0}, None),
+    "lr0.05-temp2": ({"lr": 0.05, "temperature": 2.0, **CONSTANT}, None),
     "from-ta": ({}, "task_arithmetic"),
-    "from-ta-lr0.05": ({"lr": 0.05}, "task_arithmetic"),
+    "from-ta-lr0.05": ({"lr": 0.05, **CONSTANT}, "task_arithmetic"),
     "from-cart": ({}, "cart"),
-    "from-cart-lr0.05": ({"lr": 0.05}, "cart"),
+    "from-cart-lr0.05": ({"lr": 0.05, **CONSTANT}, "cart"),
     # static CART's merged model (its tuned λ and rank) as the start, Γ from 0 on the whole task vectors
     "from-cart-merge": ({}, "cart_merge"),
     "task-level": ({"granularity": "task"}, None),
@@ -55,8 +60,8 @@ CONFIGS = {
     # twice the examples per step: 8 per task (batch_size 8 T instead of the default 4 T; T = the one --sizes)
     "batch8": ({"batch_per_task": 8}, None),
     "kl-batch8": ({"divergence": "kl", "batch_per_task": 8}, None),
-    # the learning rate decayed to 0 over the run (half a cosine) instead of constant: the last steps stop jumping
-    "cosine": ({"lr_schedule": "cosine"}, None),
+    # the learning rate decayed to 0 over the run (half a cosine) instead of constant; cosine-lr0.5 is the default
+    "cosine-lr0.2": ({"lr": 0.2, "lr_schedule": "cosine"}, None),
     "cosine-lr0.3": ({"lr": 0.3, "lr_schedule": "cosine"}, None),
     "cosine-lr0.5": ({"lr": 0.5, "lr_schedule": "cosine"}, None),
 }

@@ -28,8 +28,9 @@ DEMO_TEST, DEMO_VALIDATION = 150, 60
 DEMO_UNLABELLED = 32
 DEMO_GRIDS = {"task_arithmetic": {"lam": (0.2, 0.3, 0.5)}, "ties": {"lam": (0.7, 1.0)},
               "cart": {"lam": (1.0, 2.0), "rank_ratio": (0.08,)}}
-# 4 examples per task and step (DivMerge's default is 8): half the cost, for the second run's 2-minute budget
-DEMO_DIVMERGE = {"steps": 20, "lr": 0.05, "batch_size": 4 * len(DEMO_TASKS)}
+# 4 examples per task and step (DivMerge's default is 8): half the cost, for the second run's 2-minute budget;
+# lr 0.05 constant over its 20 steps, measured for it (docs/RESULTS.md "DivMerge steps")
+DEMO_DIVMERGE = {"steps": 20, "lr": 0.05, "lr_schedule": "constant", "batch_size": 4 * len(DEMO_TASKS)}
 
 
 # ---------------------------------------------------------------------------------------------- real demo

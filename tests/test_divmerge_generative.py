@@ -348,6 +348,7 @@ def test_two_tasks_layer_level_steps_reduce_the_divergence(base, tmp_path):
               cache_dir=tmp_path, progress=False)
     res = pymerge.divmerge(base, models, data, **kw)   # kind="auto": LlamaForCausalLM is a causal LM
     assert res.config["kind"] == "causal-lm" and res.config["batch_size"] == 4 * 2   # the paper's 4 per task
+    assert res.config["lr_schedule"] == "constant"                # a causal LM's default (classification: cosine)
     assert res.coefficients.shape == (len(res.groups), 2) and res.tasks == ["a", "b"]
     assert res.losses[-1] < 0.9 * res.losses[0], res.losses
     assert res.config["teacher_cache_hits"] == 0

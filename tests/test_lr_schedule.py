@@ -45,14 +45,24 @@ def test_run_applies_the_schedule_before_each_step():
     assert not torch.allclose(merged_c.gamma.detach(), merged.gamma.detach())
 
 
-@pytest.mark.parametrize("method", [pymerge.divmerge, pymerge.adamerging])
-def test_methods_take_and_record_the_schedule(method):
+@pytest.mark.parametrize("method,default", [(pymerge.divmerge, "cosine"), (pymerge.adamerging, "constant")])
+def test_methods_take_and_record_the_schedule(method, default):
     base = TokenNet().double()
     models = finetunes(base, 2)
     kw = dict(task_specific_keys=r"^head\.", progress=False, backend="reference", steps=5, lr=0.05)
-    default = method(base, models, token_data(2), **kw)
+    assert method(base, models, token_data(2), **kw).config["lr_schedule"] == default
+    constant = method(base, models, token_data(2), lr_schedule="constant", **kw)
     cosine = method(base, models, token_data(2), lr_schedule="cosine", **kw)
-    assert default.config["lr_schedule"] == "constant" and cosine.config["lr_schedule"] == "cosine"
-    assert not torch.allclose(default.coefficients, cosine.coefficients)
+    assert constant.config["lr_schedule"] == "constant" and cosine.config["lr_schedule"] == "cosine"
+    assert not torch.allclose(constant.coefficients, cosine.coefficients)
     with pytest.raises(ValueError, match="lr_schedule"):
         method(base, models, token_data(2), lr_schedule="linear", **kw)
+
+
+def test_divmerge_defaults_per_model_kind():
+    """lr=None / lr_schedule=None: 0.5 with the cosine for classification (the causal-LM default, 0.2 constant,
+    is checked in test_divmerge_generative.py)."""
+    base = TokenNet().double()
+    r = pymerge.divmerge(base, finetunes(base, 2), token_data(2), task_specific_keys=r"^head\.", progress=False,
+                         backend="reference", steps=1)
+    assert (r.config["kind"], r.config["lr"], r.config["lr_schedule"]) == ("classification", 0.5, "cosine")

@@ -15,6 +15,7 @@ import torch
 import pymerge
 from pymerge import cli, methods
 from pymerge.methods import LearnedMethodSpec, MethodSpec, params
+from pymerge.methods.divmerge import DEFAULT_LR, DEFAULT_LR_SCHEDULE
 
 from test_divmerge import TokenNet, finetunes, one_thread, token_data  # noqa: F401 (one_thread: autouse)
 
@@ -87,15 +88,18 @@ def test_function_keywords_are_the_declared_defaults(name):
 
 def test_defaults_are_the_papers_and_official_codes():
     """docs/METHODS.md §DivMerge (paper Table 9, but for the learning rate chosen on validation in
-    docs/RESULTS.md) and §AdaMerging (official code)."""
+    docs/RESULTS.md: per model kind, None = DEFAULT_LR with DEFAULT_LR_SCHEDULE) and §AdaMerging (official
+    code, constant lr)."""
     dm, ada = methods.get("divmerge"), methods.get("adamerging")
     d = {p.name: p.default for p in dm.params}
-    assert (d["lr"], d["epochs"], d["steps"], d["batch_size"], d["init"], d["temperature"], d["beta"],
+    assert (d["lr"], d["lr_schedule"], d["epochs"], d["steps"], d["batch_size"], d["init"], d["temperature"], d["beta"],
             d["divergence"], d["granularity"], d["max_new_tokens"], d["top_k"], d["clamp"]) == \
-        (0.2, 4, None, None, None, 1.0, 0.5, "js", "layer", 32, 64, None)     # the paper's Γ is unconstrained
+        (None, None, 4, None, None, None, 1.0, 0.5, "js", "layer", 32, 64, None)   # the paper's Γ: unconstrained
+    assert (DEFAULT_LR, DEFAULT_LR_SCHEDULE) == ({"classification": 0.5, "causal-lm": 0.2},
+                                                {"classification": "cosine", "causal-lm": "constant"})
     a = {p.name: p.default for p in ada.params}
-    assert (a["lr"], a["steps"], a["init"], a["clamp"], a["batch_size"], a["granularity"]) == \
-        (1e-3, 500, 0.3, (0.0, 1.0), None, "layer")
+    assert (a["lr"], a["lr_schedule"], a["steps"], a["init"], a["clamp"], a["batch_size"], a["granularity"]) == \
+        (1e-3, "constant", 500, 0.3, (0.0, 1.0), None, "layer")
     assert dm.param("teacher_batch_size").model_kinds == ("classification",)
     assert "beta" not in a and "teacher_cache" not in a
 
@@ -147,7 +151,8 @@ BAD_VALUES = [
     ("divmerge", "progress", "yes", "progress = 'yes': must be True or False"),
     ("divmerge", "granularity", "block", r"granularity = 'block'; expected one of \['task', 'layer'\]"),
     ("divmerge", "layer_groups", "[a", "layer_groups = '\\[a': not a valid regular expression"),
-    ("divmerge", "lr", None, r"lr = None; pass a value \(default 0.2\)"),
+    ("divmerge", "lr", 0, "lr = 0: must be a positive finite number"),
+    ("divmerge", "lr_schedule", "linear", r"lr_schedule = 'linear'; expected one of \['constant', 'cosine'\]"),
     ("divmerge", "teacher_batch_size", 0, "teacher_batch_size = 0: must be an int >= 1"),
     ("divmerge", "pad_value", {"input_ids": "x"}, "pad_value = .*: must be a number or a dict"),
     ("adamerging", "clamp", (1.0, 0.0), r"clamp = \(1.0, 0.0\): must be a \(low, high\) pair"),

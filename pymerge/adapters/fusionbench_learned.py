@@ -34,7 +34,7 @@ from .fusionbench import (BaseAlgorithm, BaseModelPool, _as_pool, _into_copy, _k
                           auto_register_config)
 from ..methods import get as get_method
 from ..methods.adamerging import adamerging
-from ..methods.divmerge import DEFAULT_LR as DIVMERGE_LR, EXAMPLES_PER_TASK, divmerge
+from ..methods.divmerge import EXAMPLES_PER_TASK, divmerge
 
 log = logging.getLogger(__name__)
 
@@ -240,20 +240,22 @@ class DivMergeAlgorithm(_LearnedAlgorithm):
     400 at layer granularity), a random subset drawn with `seed` (shuffle_examples, default) or the first ones.
     Only inputs are read: (x, y) items give x; dict items their `input_keys` (None = the keys the model's
     forward takes) minus `label_keys`; texts are tokenized with the pool's tokenizer (load_tokenizer()).
-    Config: granularity ("layer" | "task"), divergence ("js" | "kl"), lr, max_steps (None = epochs passes),
+    Config: granularity ("layer" | "task"), divergence ("js" | "kl"), lr and lr_schedule ("cosine" | "constant";
+    None = 0.5 with the cosine for classifiers, 0.2 constant for causal LMs), max_steps (None = epochs passes),
     epochs, batch_size (examples per step over all tasks; None = 8 T, or 4 T for a causal LM), seed,
     task_specific_keys (a regex of keys each task keeps, e.g. "^classifier\\."), temperature, beta, init, start
     ("pretrained" | "cart"), merging_weights_save_path (Γ as JSON); pymerge_options: any other pymerge.divmerge
     option.
     """
     FUNCTION = staticmethod(divmerge)
-    FIELDS = {**_LEARNED_FIELDS, "divergence": "divergence", "beta": "beta", "start": "start"}
+    FIELDS = {**_LEARNED_FIELDS, "divergence": "divergence", "beta": "beta", "start": "start",
+              "lr_schedule": "lr_schedule"}
 
     def __init__(self, data_split: str = "train", examples_per_task: Optional[int] = None,
                  shuffle_examples: bool = True, input_keys: Optional[List[str]] = None,
                  label_keys: List[str] = LABEL_KEYS, granularity: str = "layer", divergence: str = "js",
-                 lr: float = DIVMERGE_LR, max_steps: Optional[int] = None, epochs: int = 4,
-                 batch_size: Optional[int] = None,
+                 lr: Optional[float] = None, lr_schedule: Optional[str] = None, max_steps: Optional[int] = None,
+                 epochs: int = 4, batch_size: Optional[int] = None,
                  seed: int = 0, task_specific_keys: Optional[str] = None, temperature: float = 1.0, beta: float = 0.5,
                  init: Optional[float] = None, start: str = "pretrained",
                  merging_weights_save_path: Optional[str] = None, pymerge_options: Optional[Dict[str, Any]] = None,
