@@ -129,26 +129,23 @@ def main(argv=None):
                                               seed=args.seed, test_limit=args.test_limit,
                                               validation_limit=args.validation_limit,
                                               unlabelled_per_domain=args.unlabelled)
-        write_reports(result, args.out, command=command)
-        print(f"\n{'subset':44s} {'row':28s} {'RPS':>7s} {'gain kept':>9s} {'gap closed':>10s} {'merge s':>8s}")
-        for r in result.rows:
-            print(f"{'+'.join(r.subset):44s} {r.variant:28s} {r.rps:7.4f} {r.gain_kept:9.3f} "
-                  f"{100 * r.gap_closed:9.1f}% {r.merge_seconds or 0:8.1f}")
-        print(f"\n{time.perf_counter() - t0:.0f} s; reports in {args.out}")
-        return
-    tasks = [load_task(n) for n in args.tasks.split(",")]
-    suite = suite_from_experts(build_experts(tasks), tasks)
-    result = run_evaluation(suite, rows, sizes,
-                            subsets_per_size=args.subsets_per_size, test_limit=args.test_limit,
-                            validation_limit=args.validation_limit, unlabelled_per_task=args.unlabelled,
-                            seed=args.seed)
+        heading = f"{'RPS':>8s} {'gain kept':>9s}"
+        cells = lambda r: f"{r.rps:8.4f} {r.gain_kept:9.3f}"  # noqa: E731
+    else:
+        tasks = [load_task(n) for n in args.tasks.split(",")]
+        suite = suite_from_experts(build_experts(tasks), tasks)
+        result = run_evaluation(suite, rows, sizes,
+                                subsets_per_size=args.subsets_per_size, test_limit=args.test_limit,
+                                validation_limit=args.validation_limit, unlabelled_per_task=args.unlabelled,
+                                seed=args.seed)
+        heading = f"{'test ANP':>8s} {'valid ANP':>9s}"
+        cells = lambda r: f"{100 * r.anp:8.1f} {100 * (r.validation_anp or float('nan')):9.1f}"  # noqa: E731
     write_reports(result, args.out, command=command)
-    print(f"\n{'subset':60s} {'row':28s} {'test ANP':>8s} {'gap closed':>10s} {'valid ANP':>9s} {'merge s':>8s}")
+    print(f"\n{'subset':60s} {'row':28s} {heading} {'gap closed':>10s} {'merge s':>8s}")
     for r in result.rows:
-        print(f"{'+'.join(r.subset):60s} {r.variant:28s} {100 * r.anp:8.1f} {100 * r.gap_closed:9.1f}% "
-              f"{100 * (r.validation_anp or float('nan')):9.1f} {r.merge_seconds or 0:8.1f}")
+        print(f"{'+'.join(r.subset):60s} {r.variant:28s} {cells(r)} {100 * r.gap_closed:9.1f}% "
+              f"{r.merge_seconds or 0:8.1f}")
     print(f"\n{time.perf_counter() - t0:.0f} s; reports in {args.out}")
-
 
 if __name__ == "__main__":
     main()
