@@ -9,8 +9,7 @@
     bar with the running loss, and a line through the logger "pymerge.learn" every log_every steps: step,
     running loss, elapsed, ETA; None = about ten lines a run; lr_schedule "cosine": step i of n runs at
     lr_at(lr, "cosine", i, n) = lr (1 + cos(pi (i - 1) / n)) / 2, lr at the first step, near 0 at the last),
-    ``loss(gamma=None, indices=None)`` the
-    objective on given examples (used by the gradient checks).
+    ``loss(gamma=None, indices=None)`` the objective on given examples (used by the gradient checks).
 """
 import logging
 import math
