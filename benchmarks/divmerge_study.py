@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pymerge.cli.eval import LIMITS as EVAL_LIMITS  # noqa: E402
 from pymerge.eval import build_experts, lm_experts, lm_harness, load_task  # noqa: E402
 from pymerge.eval.lm_data import DEFAULT_DOMAINS, load_domain  # noqa: E402
 from pymerge.eval.harness import (DEFAULT_GRIDS, DEFAULT_LEARNED, Variant, run_evaluation,  # noqa: E402
@@ -38,9 +39,10 @@ TASKS = ("rt_polarity", "rt_subjectivity", "debates_party", "bbc_news", "vader_t
 BASE = {**DEFAULT_LEARNED["divmerge"], "granularity": "layer", "divergence": "js"}
 LM_BASE = {**lm_harness.DEFAULT_LM_LEARNED["divmerge"], "granularity": "layer", "divergence": "js"}
 # --suite: (tasks, test limit, validation limit, unlabelled texts per task, steps) when not given
+# (text: the study's own caps; generative: `pymerge eval --suite generative`'s)
 SUITE_DEFAULTS = {"text": (",".join(TASKS), 500, 100, 200, BASE["steps"]),
-                  "generative": (",".join(DEFAULT_DOMAINS), 200, 100, lm_harness.DEFAULT_LM_UNLABELLED,
-                                 LM_BASE["steps"])}
+                  "generative": (",".join(DEFAULT_DOMAINS), *(EVAL_LIMITS["generative"][k] for k in (
+                      "test_limit", "validation_limit", "unlabelled")), LM_BASE["steps"])}
 # name -> (options over BASE, start); start as pymerge.eval.harness.Variant.start
 CONSTANT = {"lr_schedule": "constant"}
 CONFIGS = {
@@ -146,6 +148,7 @@ def main(argv=None):
         print(f"{'+'.join(r.subset):60s} {r.variant:28s} {cells(r)} {100 * r.gap_closed:9.1f}% "
               f"{r.merge_seconds or 0:8.1f}")
     print(f"\n{time.perf_counter() - t0:.0f} s; reports in {args.out}")
+
 
 if __name__ == "__main__":
     main()

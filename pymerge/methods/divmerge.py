@@ -299,14 +299,10 @@ def divmerge(base, models, data, *, task_specific_keys=None, granularity="layer"
     else:
         generation = {}
         objective = DivergenceObjective(o.pop("divergence"), o.pop("temperature"), o.pop("beta"), o["backend"])
-    if o["examples_per_task"] is None:
-        o["examples_per_task"] = EXAMPLES_PER_TASK[granularity]
-    if o["batch_size"] is None:
-        o["batch_size"] = BATCH_PER_TASK[kind] * len(models)
-    if o["lr"] is None:
-        o["lr"] = DEFAULT_LR[kind]
-    if o["lr_schedule"] is None:
-        o["lr_schedule"] = DEFAULT_LR_SCHEDULE[kind]
+    # options whose None default depends on the granularity or the model kind
+    by_setting = {"examples_per_task": EXAMPLES_PER_TASK[granularity], "batch_size": BATCH_PER_TASK[kind] * len(models),
+                  "lr": DEFAULT_LR[kind], "lr_schedule": DEFAULT_LR_SCHEDULE[kind]}
+    o.update({k: v for k, v in by_setting.items() if o[k] is None})
     start = pop_learned_start(o, "divmerge")
     result = learn(base, models, data, objective, method="divmerge", start=start, **o)
     result.config.update(kind=kind, divergence=divergence, temperature=objective.temperature, beta=objective.beta)
