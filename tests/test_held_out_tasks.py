@@ -1,6 +1,7 @@
 """benchmarks/held_out_tasks.py: the three held-out tasks it writes from the packaged files load through the
 user-task path (task_from_jsonl) with the files' sizes and classes, the vader rule and the paragraph rule."""
 import collections
+import csv
 import importlib.util
 import json
 from pathlib import Path
@@ -31,7 +32,9 @@ def written(tmp_path_factory):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path_factory.mktemp("held_out")
+    limit = csv.field_size_limit()
     module.main(["--out", str(out)])
+    assert csv.field_size_limit() == limit  # the speeches' large-field setting does not leak out
     return module, out
 
 
