@@ -132,7 +132,6 @@ def main(argv=None):
                                               validation_limit=args.validation_limit,
                                               unlabelled_per_domain=args.unlabelled)
         heading = f"{'RPS':>8s} {'gain kept':>9s}"
-        cells = lambda r: f"{r.rps:8.4f} {r.gain_kept:9.3f}"  # noqa: E731
     else:
         tasks = [load_task(n) for n in args.tasks.split(",")]
         suite = suite_from_experts(build_experts(tasks), tasks)
@@ -141,13 +140,20 @@ def main(argv=None):
                                 validation_limit=args.validation_limit, unlabelled_per_task=args.unlabelled,
                                 seed=args.seed)
         heading = f"{'test ANP':>8s} {'valid ANP':>9s}"
-        cells = lambda r: f"{100 * r.anp:8.1f} {100 * (r.validation_anp or float('nan')):9.1f}"  # noqa: E731
     write_reports(result, args.out, command=command)
     print(f"\n{'subset':60s} {'row':28s} {heading} {'gap closed':>10s} {'merge s':>8s}")
     for r in result.rows:
-        print(f"{'+'.join(r.subset):60s} {r.variant:28s} {cells(r)} {100 * r.gap_closed:9.1f}% "
+        print(f"{'+'.join(r.subset):60s} {r.variant:28s} {_cells(r, generative)} {100 * r.gap_closed:9.1f}% "
               f"{r.merge_seconds or 0:8.1f}")
     print(f"\n{time.perf_counter() - t0:.0f} s; reports in {args.out}")
+
+
+def _cells(row, generative):
+    """A result row's quality cells: RPS and gain kept of a causal-LM merge, test and validation ANP of a classifier
+    merge."""
+    if generative:
+        return f"{row.rps:8.4f} {row.gain_kept:9.3f}"
+    return f"{100 * row.anp:8.1f} {100 * (row.validation_anp or float('nan')):9.1f}"
 
 
 if __name__ == "__main__":
