@@ -86,7 +86,8 @@ demo: build data
 
 # Both suites in full. Text: six experts (default settings), subsets of 2, 4 and 6 tasks, every method and
 # variant, hyper-parameters tuned on validation. Generative: three SmolLM2-135M domain experts, subsets of 2 and
-# 3, perplexity. Reports (CSV, markdown, PNGs) in QUALITY_DIR and QUALITY_GEN_DIR. Hours on 2 CPUs.
+# 3, perplexity. Reports (CSV, markdown, PNGs) in QUALITY_DIR and QUALITY_GEN_DIR. Hours on 2 CPUs: interrupted,
+# run it again and each suite resumes after its last finished subset (pymerge eval's rows-in-progress.jsonl).
 QUALITY_DIR ?= results/quality-text
 QUALITY_GEN_DIR ?= results/quality-generative
 bench-quality: build data

@@ -65,6 +65,42 @@ def test_eval_writes_reports_with_the_numbers_it_prints(files, backbone_dir, tmp
             assert float(r["anp"]) == 1.0
 
 
+def test_an_interrupted_eval_resumes_and_fresh_starts_again(files, backbone_dir, tmp_path, capsys,  # noqa: F811
+                                                             monkeypatch, teacher_cache_dir):  # noqa: F811
+    from pymerge.eval import harness as hn
+    out = tmp_path / "r"
+    argv = ["eval", "--methods", "weight_average", "--backbone", backbone_dir, *_task_args(files), "--subsets",
+            "1,2", "--subsets-per-size", "2", "--out", out]
+    real, computed, stop_at = hn._subset_rows, [], [3]
+
+    def spy(h, rows, size, subset, experts):
+        if len(computed) + 1 == stop_at[0]:
+            raise RuntimeError("interrupted")
+        computed.append(subset)
+        return real(h, rows, size, subset, experts)
+
+    monkeypatch.setattr(hn, "_subset_rows", spy)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _run(argv, capsys)
+    assert [p.name for p in out.iterdir()] == ["rows-in-progress.jsonl"]   # two subsets done, no reports
+    first_two, stop_at[0] = list(computed), 0
+    computed.clear()
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    assert len(computed) == 2 and not set(computed) & set(first_two)   # the other two subsets only
+    assert "resuming from" in err and not (out / "rows-in-progress.jsonl").exists()
+    assert len(list(csv.DictReader(open(out / "results.csv")))) == 4 * 4   # expert, pretrained, TA, WA each
+    stop_at[0] = 2
+    computed.clear()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _run(argv, capsys)
+    stop_at[0] = 0
+    computed.clear()
+    code, _, err = _run([*argv, "--fresh"], capsys)
+    assert code == 0, err
+    assert len(computed) == 4 and "resuming" not in err                # --fresh: every subset again
+
+
 def test_eval_with_a_users_model_dirs(files, backbone_dir, tmp_path, capsys):  # noqa: F811
     from transformers import BertForSequenceClassification
     dirs = {}

@@ -393,6 +393,30 @@ def test_scores_of_two_experts(domains, base, tmp_path):
     assert ta.params["lam"] in lh.DEFAULT_LM_GRIDS["task_arithmetic"]["lam"] and not math.isnan(ta.validation_rps)
 
 
+def test_a_checkpointed_run_is_read_back_not_measured_again(domains, base, tmp_path, monkeypatch):
+    import dataclasses
+    suite = lh.lm_suite_from_experts(_build(domains, base, tmp_path), domains, base)
+    rows = lh.lm_variants(["weight_average"], with_variants=False)
+    path = tmp_path / "progress.jsonl"
+    first = lh.run_lm_evaluation(suite, rows, (1, 2), test_limit=4, validation_limit=3, checkpoint=path)
+    assert len(path.read_text().splitlines()) == 1 + 3          # the run's key, then the three subsets
+    measured = []
+
+    class Counted(lh._SubsetRun):
+        def __init__(self, h, subset):
+            measured.append(subset)
+            super().__init__(h, subset)
+
+    monkeypatch.setattr(lh, "_SubsetRun", Counted)
+    again = lh.run_lm_evaluation(suite, rows, (1, 2), test_limit=4, validation_limit=3, checkpoint=path)
+    assert measured == []
+    assert [type(r) for r in again.rows] == [lh.LMRow] * len(first.rows)
+    assert json.dumps([dataclasses.asdict(r) for r in again.rows]) == json.dumps(
+        [dataclasses.asdict(r) for r in first.rows])
+    lh.run_lm_evaluation(suite, rows, (1, 2), test_limit=3, validation_limit=3, checkpoint=path)
+    assert len(measured) == 3                                     # other settings: measured anew
+
+
 def test_divmerge_runs_the_causal_lm_path_with_cached_teachers(domains, base, tmp_path,
                                                                teacher_cache_dir):  # noqa: F811
     experts = _build(domains, base, tmp_path)

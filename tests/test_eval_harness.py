@@ -309,6 +309,114 @@ def test_a_second_run_reuses_the_experts(tasks, backbone, tmp_path, monkeypatch)
     assert [(r.variant, r.accuracy, r.anp) for r in a.rows] == [(r.variant, r.accuracy, r.anp) for r in b.rows]
 
 
+# ------------------------------------------------------------------------------------------------ resuming
+RESUME_ROWS = [hn.Variant("task_arithmetic", "task_arithmetic", grid={"lam": (0.3, 1.0)}),
+               hn.Variant("weight_average", "weight_average")]
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture
+def computed(monkeypatch):
+    """The subsets the harness computes (not read back from a checkpoint), in order."""
+    seen = []
+    real = hn._subset_rows
+
+    def spy(h, rows, size, subset, experts):
+        seen.append(tuple(subset))
+        return real(h, rows, size, subset, experts)
+
+    monkeypatch.setattr(hn, "_subset_rows", spy)
+    return seen
+
+
+def _outcome(result):
+    """Everything of the rows but the wall times (which a rerun measures anew), as JSON (NaN equals NaN)."""
+    return json.dumps([(r.size, r.subset, r.variant, r.method, r.params, r.accuracy, r.anp, r.gap_closed,
+                        r.validation_anp, r.note) for r in result.rows])
+
+
+def _interrupted(experts, tasks, backbone, path, after, **kw):
+    """A checkpointed run stopped once `after` subsets are done."""
+    done = []
+
+    def on_row(r):
+        if r.variant == "expert":
+            done.append(r.subset)
+        if len(done) == after:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _run(experts, tasks, backbone, RESUME_ROWS, sizes=(1, 2), checkpoint=path, on_row=on_row, **kw)
+
+
+def test_an_interrupted_run_resumes_with_the_next_subset(experts, tasks, backbone, tmp_path, computed):
+    clean = _run(experts, tasks, backbone, RESUME_ROWS, sizes=(1, 2))
+    order = [r.subset for r in clean.rows if r.variant == "expert"]
+    assert len(order) == 6 and computed == order
+    path = tmp_path / "progress.jsonl"
+    computed.clear()
+    _interrupted(experts, tasks, backbone, path, after=4)
+    assert computed == order[:4]
+    computed.clear()
+    resumed = _run(experts, tasks, backbone, RESUME_ROWS, sizes=(1, 2), checkpoint=path)
+    assert computed == order[4:]                                   # only the subsets not finished before
+    assert _outcome(resumed) == _outcome(clean)
+    computed.clear()
+    again = _run(experts, tasks, backbone, RESUME_ROWS, sizes=(1, 2), checkpoint=path)
+    assert computed == [] and _outcome(again) == _outcome(clean)
+    assert [r.merge_seconds for r in again.rows] == [r.merge_seconds for r in resumed.rows]
+
+
+def test_a_checkpoint_of_other_settings_is_not_reused(experts, tasks, backbone, tmp_path, computed):
+    path = tmp_path / "progress.jsonl"
+    _interrupted(experts, tasks, backbone, path, after=3)
+    computed.clear()
+    other = _run(experts, tasks, backbone, RESUME_ROWS, sizes=(1, 2), checkpoint=path, test_limit=5)
+    assert len(computed) == 6                                      # another test limit: nothing reused
+    assert _outcome(other) == _outcome(_run(experts, tasks, backbone, RESUME_ROWS, sizes=(1, 2), test_limit=5))
+    computed.clear()
+    _run(experts, tasks, backbone, RESUME_ROWS[:1], sizes=(1, 2), checkpoint=path, test_limit=5)
+    assert len(computed) == 6                                      # other rows: nothing reused either
+    computed.clear()
+    _run(experts, tasks, backbone, RESUME_ROWS[:1], sizes=(1, 2), checkpoint=path, test_limit=5)
+    assert computed == []
+
+
+def test_a_line_cut_short_is_computed_again(experts, tasks, backbone, tmp_path, computed):
+    clean = _run(experts, tasks, backbone, RESUME_ROWS, sizes=(1, 2))
+    order = [r.subset for r in clean.rows if r.variant == "expert"]
+    path = tmp_path / "progress.jsonl"
+    _interrupted(experts, tasks, backbone, path, after=3)
+    text = path.read_text()
+    path.write_text(text[:text.rstrip("\n").rindex("\n") + 40])  # the third subset's line, cut short
+    computed.clear()
+    resumed = _run(experts, tasks, backbone, RESUME_ROWS, sizes=(1, 2), checkpoint=path)
+    assert computed == order[2:]
+    assert _outcome(resumed) == _outcome(clean)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 7 and all(json.loads(line) for line in lines)   # the key, then six subsets
+
+
+def test_a_last_line_without_its_newline_is_kept_and_the_next_starts_on_its_own(tmp_path):
+    from pymerge.eval.resume import SubsetLog
+    path = tmp_path / "progress.jsonl"
+    rows = {n: [hn.Row(1, (n,), "expert", "expert", {"lam": 0.5}, {n: 0.5}, 1.0, 0.0, 1.5, 0.25, 0.0)]
+            for n in "ab"}
+    SubsetLog(path, {"seed": 0}, hn.Row).add(1, ("a",), rows["a"])
+    path.write_text(path.read_text().rstrip("\n"))                 # interrupted before the newline
+    log = SubsetLog(path, {"seed": 0}, hn.Row)
+    assert log.done(1, ("a",)) == rows["a"] and log.done(1, ("b",)) is None
+    log.add(1, ("b",), rows["b"])
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and [json.loads(line)["subset"] for line in lines[1:]] == [["a"], ["b"]]
+    assert SubsetLog(path, {"seed": 0}, hn.Row).done(1, ("b",)) == rows["b"]
+    assert SubsetLog(path, {"seed": 1}, hn.Row).done(1, ("a",)) is None   # another key: replaced
+    assert path.read_text().splitlines() == [json.dumps({"key": {"seed": 1}})]
+
+
 # ------------------------------------------------------------------------------------- a user's models
 def _hf_models(backbone_dir, tmp_path, tasks, experts):
     """Each expert's body saved as a BertForSequenceClassification (its own classifier head), as a user would

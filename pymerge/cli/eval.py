@@ -14,7 +14,8 @@ the text suite, {"text"} for the generative one). Models: the experts pymerge fi
 (pymerge.eval.build_experts / build_lm_experts, default settings), or, with --model NAME=DIR for every task, a
 user's own fine-tuned Hugging Face models (sequence classifiers / causal LMs, fine-tuned from --backbone).
 Every input is checked before a model is trained or loaded; a bad one exits with status 2 and one line naming
-it.
+it. Each subset's rows are kept in OUT/rows-in-progress.jsonl as they finish, until the reports are written: the
+same command run again after an interruption resumes with the next subset (--fresh: start again).
 """
 import logging
 import math
@@ -27,6 +28,9 @@ SUITES = ("text", "generative")
 DEFAULT_SIZES = {"text": (2, 4, 6), "generative": (2, 3)}
 # Per-suite defaults of the options left unset (None: every example). A causal LM's test costs a forward pass
 # of a 135M model per text: the generative suite measures fewer texts, and gives DivMerge fewer prompts.
+# Each finished subset's rows, kept in --out until the reports are written: a rerun of an interrupted command
+# resumes with the next subset (pymerge.eval.resume).
+PROGRESS_FILE = "rows-in-progress.jsonl"
 LIMITS = {"text": {"test_limit": None, "validation_limit": 200, "unlabelled": 200},
           "generative": {"test_limit": 200, "validation_limit": 100, "unlabelled": 100}}
 
@@ -205,7 +209,8 @@ def cmd_eval(args):
             suite = harness.suite_from_experts(experts, tasks, backbone)
         result = harness.run_evaluation(suite, rows, sizes, subsets_per_size=args.subsets_per_size, seed=args.seed,
                                         test_limit=args.test_limit, validation_limit=args.validation_limit,
-                                        unlabelled_per_task=args.unlabelled, device=device)
+                                        unlabelled_per_task=args.unlabelled, device=device,
+                                        checkpoint=_progress_file(args))
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     _print_reports(args, tasks, sizes, result,
@@ -214,12 +219,21 @@ def cmd_eval(args):
     return 0
 
 
+def _progress_file(args):
+    """OUT/PROGRESS_FILE, which run_evaluation resumes from (removed first with --fresh)."""
+    path = args.out / PROGRESS_FILE
+    if args.fresh:
+        path.unlink(missing_ok=True)
+    return path
+
+
 def _print_reports(args, names, sizes, result, heading, table, by_size, metric, fmt):
     """Write the reports, then print the command, the table at the largest size, the metric by size and the
     files written (both suites)."""
     from ..eval import report
     command = command_line(args, names, sizes)
     paths = report.write_reports(result, args.out, command=command)
+    (args.out / PROGRESS_FILE).unlink(missing_ok=True)
     print(f"$ {command}\n")
     print(heading)
     print(table)
@@ -245,7 +259,8 @@ def _run_generative(args, domains, models, rows, sizes, device):
         result = lm_harness.run_lm_evaluation(suite, rows, sizes, subsets_per_size=args.subsets_per_size,
                                               seed=args.seed, test_limit=args.test_limit,
                                               validation_limit=args.validation_limit,
-                                              unlabelled_per_domain=args.unlabelled, device=device)
+                                              unlabelled_per_domain=args.unlabelled, device=device,
+                                              checkpoint=_progress_file(args))
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     _print_reports(args, domains, sizes, result,
@@ -291,6 +306,8 @@ def add_parsers(sub):
     p.add_argument("--rows", help="comma-separated row labels to run, out of the rows --methods gives (e.g. "
                    "cart-exact,divmerge-kl; task_arithmetic, the gap's reference, always runs; a row started from a "
                    "static method still tunes it on validation)")
+    p.add_argument("--fresh", action="store_true", help=f"start again: ignore the subsets an interrupted run of "
+                   f"this command finished (kept in OUT/{PROGRESS_FILE} until the reports are written)")
     p.add_argument("--max-length", type=int, default=128, help="with --model: tokens per text (default 128)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")

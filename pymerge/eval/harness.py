@@ -30,6 +30,7 @@ from torch import nn
 from ..learn.batching import logits_of
 from ..methods import available
 from .experts import Backbone, collate, tokenize
+from .resume import SubsetLog, run_key, run_subsets
 from .tasks import Task
 from .tuning import LEARNED, SuiteResult, TunedRun, checked_sizes, grids_and_variants, mean
 
@@ -362,12 +363,14 @@ class _Harness:
 def run_evaluation(suite: Suite, rows: Sequence[Variant], subset_sizes: Sequence[int] = (2, 4, 6), *,
                    subsets_per_size: int = 3, seed: int = 0, test_limit: int | None = None,
                    validation_limit: int | None = 200, unlabelled_per_task: int = DEFAULT_UNLABELLED,
-                   grids: Mapping | None = None, batch_size: int = 64, device="cpu", on_row=None) -> EvalResult:
+                   grids: Mapping | None = None, batch_size: int = 64, device="cpu", on_row=None,
+                   checkpoint=None) -> EvalResult:
     """Merge and evaluate every variant on `subsets_per_size` seeded subsets of each size (see the module
     docstring). test_limit / validation_limit: the first N examples of each task's test / validation split
     (None: all); unlabelled_per_task: train texts given to the learned methods; grids: {method: grid} of the
     methods whose tuned parameters a tuned_as / start row borrows (default DEFAULT_GRIDS); on_row(row):
-    called as each subset's rows finish. Returns an EvalResult (reports: pymerge.eval.report)."""
+    called as each subset's rows finish; checkpoint: a file that keeps each finished subset's rows, so a run
+    with the same settings resumes (pymerge.eval.resume). Returns an EvalResult (reports: pymerge.eval.report)."""
     names = list(suite.members)
     sizes = checked_sizes(subset_sizes, names, "tasks")
     grids = DEFAULT_GRIDS if grids is None else grids
@@ -385,34 +388,36 @@ def run_evaluation(suite: Suite, rows: Sequence[Variant], subset_sizes: Sequence
         logger.info("expert %s: test accuracy %.4f on %d examples (validation %.4f), pretrained body %.4f", n,
                     h.reference[n]["test"], experts[n]["test_examples"], h.reference[n]["validation"],
                     experts[n]["pretrained_test"])
-    out = []
-    for size in sizes:
-        for subset in subsets(names, size, subsets_per_size, seed):
-            run = _SubsetRun(h, subset)
-            subset_rows = [Row(size, subset, "expert", "expert", {}, {n: h.reference[n]["test"] for n in subset},
-                               1.0, note="each task's own fine-tuned model"),
-                           Row(size, subset, "pretrained", "pretrained", {},
-                               {n: experts[n]["pretrained_test"] for n in subset},
-                               mean(experts[n]["pretrained_test"] / h.reference[n]["test"] for n in subset),
-                               note="the pretrained body with each task's head")]
-            for v in rows:
-                params, merged, seconds, score, tuning = run.row(v)
-                acc = {n: h.evaluator.accuracy(n, merged, "test") for n in subset}
-                del merged
-                row = Row(size, subset, v.label, v.method, params, acc,
-                          mean(acc[n] / h.reference[n]["test"] for n in subset), merge_seconds=seconds,
-                          tune_seconds=tuning, validation_anp=score, note=v.note)
-                subset_rows.append(row)
-                logger.info("%d tasks %s: %s ANP %.4f (merge %.1f s, tuning %.1f s) %s", size, "+".join(subset),
-                            v.label, row.anp, seconds, tuning, json.dumps(params, default=str))
-            ta = next((r.anp for r in subset_rows if r.variant == "task_arithmetic"), float("nan"))
-            for r in subset_rows:
-                r.gap_closed = (r.anp - ta) / (1 - ta) if 1 - ta > 1e-12 else float("nan")
-                if on_row is not None:
-                    on_row(r)
-            out += subset_rows
     config = {"seed": seed, "subset_sizes": sizes, "subsets_per_size": subsets_per_size,
               "test_limit": test_limit, "validation_limit": validation_limit,
               "unlabelled_per_task": unlabelled_per_task, **grids_and_variants(grids, rows),
               "torch_threads": torch.get_num_threads(), "device": str(device)}
+    log = None if checkpoint is None else SubsetLog(checkpoint, run_key(config, experts), Row)
+    pairs = [(size, subset) for size in sizes for subset in subsets(names, size, subsets_per_size, seed)]
+    out = run_subsets(pairs, lambda size, subset: _subset_rows(h, rows, size, subset, experts), log, on_row)
     return EvalResult(out, experts, config)
+
+
+def _subset_rows(h, rows, size, subset, experts):
+    """The rows of one subset: expert, pretrained, then each variant, with the gap each closes."""
+    run = _SubsetRun(h, subset)
+    subset_rows = [Row(size, subset, "expert", "expert", {}, {n: h.reference[n]["test"] for n in subset},
+                       1.0, note="each task's own fine-tuned model"),
+                   Row(size, subset, "pretrained", "pretrained", {},
+                       {n: experts[n]["pretrained_test"] for n in subset},
+                       mean(experts[n]["pretrained_test"] / h.reference[n]["test"] for n in subset),
+                       note="the pretrained body with each task's head")]
+    for v in rows:
+        params, merged, seconds, score, tuning = run.row(v)
+        acc = {n: h.evaluator.accuracy(n, merged, "test") for n in subset}
+        del merged
+        row = Row(size, subset, v.label, v.method, params, acc,
+                  mean(acc[n] / h.reference[n]["test"] for n in subset), merge_seconds=seconds,
+                  tune_seconds=tuning, validation_anp=score, note=v.note)
+        subset_rows.append(row)
+        logger.info("%d tasks %s: %s ANP %.4f (merge %.1f s, tuning %.1f s) %s", size, "+".join(subset),
+                    v.label, row.anp, seconds, tuning, json.dumps(params, default=str))
+    ta = next((r.anp for r in subset_rows if r.variant == "task_arithmetic"), float("nan"))
+    for r in subset_rows:
+        r.gap_closed = (r.anp - ta) / (1 - ta) if 1 - ta > 1e-12 else float("nan")
+    return subset_rows

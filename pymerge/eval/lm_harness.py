@@ -41,6 +41,7 @@ from ..methods import available, get as method_spec
 from .harness import Variant, subsets, variants
 from .lm_data import Domain, encode, pad_id, token_nll
 from .lm_experts import LMBase, load_lm_state, safetensors_shapes, safetensors_state
+from .resume import SubsetLog, run_key, run_subsets
 from .tuning import LEARNED, SuiteResult, TunedRun, checked_sizes, grids_and_variants, mean
 
 logger = logging.getLogger("pymerge.eval")
@@ -232,11 +233,13 @@ def run_lm_evaluation(suite: LMSuite, rows: Sequence[Variant], subset_sizes: Seq
                       subsets_per_size: int = 3, seed: int = 0, test_limit: int | None = 200,
                       validation_limit: int | None = 100, unlabelled_per_domain: int = DEFAULT_LM_UNLABELLED,
                       prompt_tokens: int = DEFAULT_PROMPT_TOKENS, grids: Mapping | None = None, batch_size: int = 8,
-                      device="cpu", on_row=None) -> LMEvalResult:
+                      device="cpu", on_row=None, checkpoint=None) -> LMEvalResult:
     """Merge and measure every variant on `subsets_per_size` seeded subsets of each size (see the module
     docstring). test_limit / validation_limit: the first N texts of each domain's test / validation split
     (None: all); unlabelled_per_domain, prompt_tokens: DivMerge's prompts; grids: {method: grid} (default
-    DEFAULT_LM_GRIDS); on_row(row): called as each subset's rows finish. Reports: pymerge.eval.report."""
+    DEFAULT_LM_GRIDS); on_row(row): called as each subset's rows finish; checkpoint: a file that keeps each
+    finished subset's rows, so a run with the same settings resumes (pymerge.eval.resume). Reports:
+    pymerge.eval.report."""
     names = list(suite.members)
     sizes = checked_sizes(subset_sizes, names, "domains")
     unknown = [v.method for v in rows
@@ -269,33 +272,34 @@ def run_lm_evaluation(suite: LMSuite, rows: Sequence[Variant], subset_sizes: Seq
                      mean(h.reference[n]["test"] / ppl[n] for n in subset), mean(gain(ppl[n], n) for n in subset),
                      **kw)
 
-    out = []
-    for size in sizes:
-        for subset in subsets(names, size, subsets_per_size, seed):
-            run = _SubsetRun(h, subset)
-            subset_rows = [row(size, subset, "expert", "expert", {}, {n: h.reference[n]["test"] for n in subset},
-                               note="each domain's own fine-tuned model"),
-                           row(size, subset, "base", "base", {}, {n: h.reference[n]["base_test"] for n in subset},
-                               note="the pretrained model")]
-            for v in rows:
-                params, merged, seconds, score, tuning = run.row(v)
-                ppl = {n: h.ppl(merged, n, "test") for n in subset}
-                del merged
-                r = row(size, subset, v.label, v.method, params, ppl, merge_seconds=seconds, tune_seconds=tuning,
-                        validation_rps=score, note=v.note)
-                subset_rows.append(r)
-                logger.info("%d domains %s: %s RPS %.4f, gain kept %.4f (merge %.1f s, tuning %.1f s) %s", size,
-                            "+".join(subset), v.label, r.rps, r.gain_kept, seconds, tuning,
-                            json.dumps(params, default=str))
-            ta = next((r.rps for r in subset_rows if r.variant == "task_arithmetic"), float("nan"))
-            for r in subset_rows:
-                r.gap_closed = (r.rps - ta) / (1 - ta) if abs(1 - ta) > 1e-12 else float("nan")
-                if on_row is not None:
-                    on_row(r)
-            out += subset_rows
+    def subset_run(size, subset):
+        """The rows of one subset: expert, base, then each variant, with the gap each closes."""
+        run = _SubsetRun(h, subset)
+        subset_rows = [row(size, subset, "expert", "expert", {}, {n: h.reference[n]["test"] for n in subset},
+                           note="each domain's own fine-tuned model"),
+                       row(size, subset, "base", "base", {}, {n: h.reference[n]["base_test"] for n in subset},
+                           note="the pretrained model")]
+        for v in rows:
+            params, merged, seconds, score, tuning = run.row(v)
+            ppl = {n: h.ppl(merged, n, "test") for n in subset}
+            del merged
+            r = row(size, subset, v.label, v.method, params, ppl, merge_seconds=seconds, tune_seconds=tuning,
+                    validation_rps=score, note=v.note)
+            subset_rows.append(r)
+            logger.info("%d domains %s: %s RPS %.4f, gain kept %.4f (merge %.1f s, tuning %.1f s) %s", size,
+                        "+".join(subset), v.label, r.rps, r.gain_kept, seconds, tuning,
+                        json.dumps(params, default=str))
+        ta = next((r.rps for r in subset_rows if r.variant == "task_arithmetic"), float("nan"))
+        for r in subset_rows:
+            r.gap_closed = (r.rps - ta) / (1 - ta) if abs(1 - ta) > 1e-12 else float("nan")
+        return subset_rows
+
     config = {"suite": "generative", "seed": seed, "subset_sizes": sizes, "subsets_per_size": subsets_per_size,
               "test_limit": test_limit, "validation_limit": validation_limit,
               "unlabelled_per_domain": unlabelled_per_domain, "prompt_tokens": prompt_tokens,
               **grids_and_variants(grids, rows),
               "base": str(suite.base.path), "torch_threads": torch.get_num_threads(), "device": str(device)}
+    log = None if checkpoint is None else SubsetLog(checkpoint, run_key(config, experts), LMRow)
+    pairs = [(size, subset) for size in sizes for subset in subsets(names, size, subsets_per_size, seed)]
+    out = run_subsets(pairs, subset_run, log, on_row)
     return LMEvalResult(out, experts, config)
