@@ -4,8 +4,9 @@ A full `pymerge eval` (make bench-quality) runs for hours on a small machine. ru
 with checkpoint=PATH append one JSON line per subset as soon as its rows are done; a later run with the same
 settings reads them back and computes only the subsets that are missing. The first line records the run's key:
 its settings (seed, sizes, limits, grids, rows) and the experts' reference scores and sources, so rows are reused
-only by a run that would compute the same ones; a file of another run is replaced. A line cut short by an
-interruption is dropped (that subset runs again).
+only by a run with the same settings and experts; a file of another run is replaced. A changed pymerge is not
+detected: after changing a method, start again (`pymerge eval --fresh`). A line cut short by an interruption is
+dropped (that subset runs again).
 """
 import dataclasses
 import json
