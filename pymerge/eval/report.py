@@ -30,7 +30,8 @@ CSV_FILE, MARKDOWN_FILE, ANP_PLOT, PER_TASK_PLOT = "results.csv", "results.md", 
 RPS_PLOT, PER_DOMAIN_PLOT = "rps_vs_domains.png", "per_domain.png"
 
 
-def _atomic_write(path: Path, data: bytes):
+def atomic_write(path: Path, data: bytes):
+    """Write data to a temporary sibling and rename it into place: a reader sees the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -285,11 +286,11 @@ def write_reports(result, out_dir, command: str | None = None, plots: bool = Tru
 def _write_files(out: Path, csv_body: str, markdown_body: str, plots: Mapping, result) -> dict:
     """results.csv, results.md, then each {kind: (file name, plot(result) -> PNG bytes)}; {kind: path}."""
     paths = {"csv": out / CSV_FILE, "markdown": out / MARKDOWN_FILE}
-    _atomic_write(paths["csv"], csv_body.encode("utf-8"))
-    _atomic_write(paths["markdown"], markdown_body.encode("utf-8"))
+    atomic_write(paths["csv"], csv_body.encode("utf-8"))
+    atomic_write(paths["markdown"], markdown_body.encode("utf-8"))
     for kind, (name, plot) in plots.items():
         paths[kind] = out / name
-        _atomic_write(paths[kind], plot(result))
+        atomic_write(paths[kind], plot(result))
     return paths
 
 

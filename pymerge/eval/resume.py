@@ -14,6 +14,8 @@ import logging
 import os
 from pathlib import Path
 
+from .report import atomic_write
+
 logger = logging.getLogger("pymerge.eval")
 
 
@@ -52,33 +54,31 @@ class SubsetLog:
     def __init__(self, path, key: dict, row_type):
         self.path, self.key, self.row_type = Path(path), _jsonable(key), row_type
         self.rows = {}
-        lines = self._read()
-        if lines is None:
-            self._rewrite([])
-        elif not self._intact:
-            self._rewrite(lines)   # drop a line cut short, so the next one starts on its own line
+        lines, intact = self._read()
+        if not intact:   # no file of this run, or a line cut short: the next line must start on its own
+            atomic_write(self.path, "".join(line + "\n" for line in [json.dumps({"key": self.key}), *lines])
+                         .encode("utf-8"))
         if self.rows:
             logger.info("resuming from %s: %d subset(s) already done", self.path, len(self.rows))
 
     def _read(self):
-        """The file's good subset lines, or None when there is no file of this run (absent, unreadable, another
-        run's key)."""
+        """(the file's good subset lines, whether the file is whole and of this run); ([], False) when there is no
+        file of this run (absent, unreadable, another run's key)."""
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return None
+            return [], False
         except (OSError, UnicodeDecodeError) as e:
             logger.warning("%s is unreadable (%s): starting afresh", self.path, e)
-            return None
-        raw = text.splitlines()
-        self._intact = text.endswith("\n")
+            return [], False
+        raw, intact = text.splitlines(), text.endswith("\n")
         try:
             head = json.loads(raw[0]) if raw else None
         except ValueError:
             head = None
         if not isinstance(head, dict) or head.get("key") != self.key:
             logger.info("%s holds another run's subsets (other settings or experts): starting afresh", self.path)
-            return None
+            return [], False
         good = []
         for line in raw[1:]:
             try:
@@ -87,23 +87,17 @@ class SubsetLog:
                 subset = (int(entry["size"]), tuple(entry["subset"]))
             except (ValueError, KeyError, TypeError) as e:
                 logger.warning("%s: dropping a damaged line and what follows it (%s)", self.path, e)
-                self._intact = False
+                intact = False
                 break
             self.rows[subset] = rows
             good.append(line)
-        return good
+        return good, intact
 
     def _row(self, fields):
         names = {f.name for f in dataclasses.fields(self.row_type)}
         if set(fields) != names:
             raise KeyError(f"row fields {sorted(set(fields) ^ names)}")
         return self.row_type(**{**fields, "subset": tuple(fields["subset"])})
-
-    def _rewrite(self, lines):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in [json.dumps({"key": self.key}), *lines]), encoding="utf-8")
-        os.replace(tmp, self.path)
 
     def done(self, size, subset):
         return self.rows.get((size, tuple(subset)))
